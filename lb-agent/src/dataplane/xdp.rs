@@ -1,0 +1,921 @@
+//! The XDP dataplane: loads lb-ebpf, pins its maps, attaches it, and writes frontends into the
+//! maps laid out in lb-common.
+//!
+//! Update order keeps every packet's view consistent: backends are written before any table
+//! names them; a changed backend set gets a new table under a fresh id, the service entry is
+//! flipped to it in one map update, and only then is the old table deleted. Conntrack entries of a
+//! backend that left a frontend are deleted right away, so its flows (UDP above all) move to a
+//! live backend instead of being blackholed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+    util::nr_cpus,
+};
+use lb_common::{
+    BACKEND_F_ACTIVE, BackendValue, Config, FlowKey, FlowValue, GlobalStats, LAYOUT_VERSION,
+    SERVICE_F_AFFINITY, SchedTable, Scheduler, ServiceKey, ServiceStats, ServiceValue, family,
+    maps, wire_addr_octets, wire_addr_v4, wire_addr_v6,
+};
+use tracing::{info, warn};
+
+use super::{Dataplane, OpError};
+use crate::{
+    model::{Backend, Protocol},
+    plan::{BackendSpec, FrontendKey, FrontendSpec, Op},
+    sched_table,
+};
+
+/// The lb-ebpf object built alongside this agent (see build.rs).
+pub static EMBEDDED_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+/// bpffs magic number (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How to attach to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic mode with a warning.
+    Auto,
+    /// Native mode only.
+    Driver,
+    /// Generic (skb) mode only.
+    Generic,
+}
+
+/// Everything needed to load the program and its maps.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Object file to load instead of the embedded one.
+    pub object: Option<PathBuf>,
+    /// Directory on bpffs for the pins; `None` loads private, unpinned maps (packet tests).
+    pub pin_dir: Option<PathBuf>,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub conntrack_max: u32,
+    pub config: Config,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            object: None,
+            pin_dir: Some(PathBuf::from(maps::DEFAULT_PIN_DIR)),
+            max_services: maps::MAX_SERVICES,
+            max_backends: maps::MAX_BACKENDS,
+            conntrack_max: maps::CONNTRACK_MAX,
+            config: Config::default(),
+        }
+    }
+}
+
+/// Hands out small integer ids (service, backend, table ids) in `1..limit`; 0 is never used so a
+/// zeroed map slot never looks like a live id.
+#[derive(Debug)]
+struct IdAllocator {
+    limit: u32,
+    next: u32,
+    free: BTreeSet<u32>,
+}
+
+impl IdAllocator {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            next: 1,
+            free: BTreeSet::new(),
+        }
+    }
+
+    fn alloc(&mut self, what: &str) -> anyhow::Result<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Ok(id);
+        }
+        if self.next >= self.limit {
+            bail!(
+                "no free {what} id: all {} are in use (raise the map size)",
+                self.limit - 1
+            );
+        }
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+
+    /// Marks ids found in pinned maps as taken.
+    fn adopt(&mut self, used: &BTreeSet<u32>) {
+        self.next = used.last().map_or(1, |m| m + 1);
+        self.free = (1..self.next).filter(|i| !used.contains(i)).collect();
+    }
+}
+
+/// A backend id and how many frontends use it (actively or draining).
+#[derive(Debug, Clone, Copy)]
+struct BackendSlot {
+    id: u32,
+    refs: u32,
+    weight: u32,
+}
+
+/// What the agent wrote for one frontend.
+#[derive(Debug, Clone)]
+struct Installed {
+    spec: FrontendSpec,
+    value: ServiceValue,
+}
+
+/// The program's maps, typed, and the agent's record of what it wrote to them.
+pub struct XdpMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, BackendValue>,
+    tables: HashMap<MapData, u32, SchedTable>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    service_stats: PerCpuArray<MapData, ServiceStats>,
+    global_stats: PerCpuArray<MapData, GlobalStats>,
+    config: Array<MapData, Config>,
+
+    installed: BTreeMap<FrontendKey, Installed>,
+    current: BTreeMap<FrontendKey, FrontendSpec>,
+    backend_slots: StdHashMap<(IpAddr, u16), BackendSlot>,
+    service_ids: IdAllocator,
+    backend_ids: IdAllocator,
+    table_ids: IdAllocator,
+}
+
+/// The XDP dataplane: the loaded object, its maps, and the interfaces it is attached to.
+pub struct XdpDataplane {
+    ebpf: Ebpf,
+    pub maps: XdpMaps,
+    pin_dir: Option<PathBuf>,
+    links: Vec<AttachedLink>,
+}
+
+/// An attachment to one interface.
+struct AttachedLink {
+    iface: String,
+    /// Pinned bpf_link (survives the agent); `None` when the kernel only offered a netlink
+    /// attachment, which the loaded program owns.
+    pinned: Option<PathBuf>,
+}
+
+fn map_data(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<MapData> {
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::HashMap(m))
+        | Some(aya::maps::Map::LruHashMap(m))
+        | Some(aya::maps::Map::Array(m))
+        | Some(aya::maps::Map::PerCpuArray(m)) => Ok(m),
+        Some(_) => bail!("map {name} has an unexpected type in the eBPF object"),
+        None => bail!("the eBPF object has no map {name}"),
+    }
+}
+
+/// Fails unless `dir` is on bpffs: pins anywhere else would fail with a confusing error.
+fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
+    let probe = dir.parent().filter(|p| p.exists()).unwrap_or(dir);
+    let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("statfs {}", probe.display()));
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`",
+            probe.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses pinned maps written with another layout: adopting them would misread every entry.
+fn check_pinned_layout(pin_dir: &Path) -> anyhow::Result<()> {
+    let path = pin_dir.join(maps::CONFIG);
+    if !path.exists() {
+        return Ok(());
+    }
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("open pinned {}", path.display()))?;
+    let info = data.info()?;
+    if info.value_size() as usize != size_of::<Config>() {
+        bail!(
+            "pinned maps in {} have an incompatible layout (config value is {} bytes, this agent \
+             expects {}); refusing to touch them. Run `lb-agent cleanup` to remove them (this drops \
+             conntrack state), or run the agent version that created them.",
+            pin_dir.display(),
+            info.value_size(),
+            size_of::<Config>()
+        );
+    }
+    let config: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(data))?;
+    let found = config.get(&0, 0)?.layout_version;
+    // 0: created by a program load that never got its config written; safe to initialise.
+    if found != 0 && found != LAYOUT_VERSION {
+        bail!(
+            "pinned maps in {} have layout version {found}, this agent uses {LAYOUT_VERSION}; \
+             refusing to adopt them and leaving the running dataplane alone. Run the matching agent, \
+             or `lb-agent cleanup` to start afresh (this drops conntrack state).",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+impl XdpDataplane {
+    /// Loads the object, creating or adopting pinned maps, and writes the config. Does not attach.
+    pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                check_bpffs(dir)?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
+                check_pinned_layout(dir)?;
+                maps::ALL.iter().map(|&m| (m, dir.join(m))).collect()
+            }
+            None => vec![],
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(maps::SERVICES, opts.max_services)
+            .map_max_entries(maps::SERVICE_STATS, opts.max_services)
+            .map_max_entries(maps::SCHED_TABLES, 2 * opts.max_services)
+            .map_max_entries(maps::BACKENDS, opts.max_backends)
+            .map_max_entries(maps::CONNTRACK, opts.conntrack_max);
+        let mut ebpf = match &opts.object {
+            Some(path) => loader
+                .load_file(path)
+                .with_context(|| format!("load {}", path.display()))?,
+            None => loader
+                .load(EMBEDDED_OBJECT)
+                .context("load the embedded eBPF object")?,
+        };
+
+        let program: &mut Xdp = ebpf
+            .program_mut(maps::XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {}", maps::XDP_PROGRAM))?
+            .try_into()?;
+        program
+            .load()
+            .context("the kernel rejected the XDP program")?;
+
+        let mut maps = XdpMaps {
+            services: HashMap::try_from(aya::maps::Map::HashMap(map_data(
+                &mut ebpf,
+                maps::SERVICES,
+            )?))?,
+            backends: Array::try_from(aya::maps::Map::Array(map_data(&mut ebpf, maps::BACKENDS)?))?,
+            tables: HashMap::try_from(aya::maps::Map::HashMap(map_data(
+                &mut ebpf,
+                maps::SCHED_TABLES,
+            )?))?,
+            conntrack: HashMap::try_from(aya::maps::Map::LruHashMap(map_data(
+                &mut ebpf,
+                maps::CONNTRACK,
+            )?))?,
+            service_stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map_data(
+                &mut ebpf,
+                maps::SERVICE_STATS,
+            )?))?,
+            global_stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map_data(
+                &mut ebpf,
+                maps::GLOBAL_STATS,
+            )?))?,
+            config: Array::try_from(aya::maps::Map::Array(map_data(&mut ebpf, maps::CONFIG)?))?,
+            installed: BTreeMap::new(),
+            current: BTreeMap::new(),
+            backend_slots: StdHashMap::new(),
+            service_ids: IdAllocator::new(opts.max_services),
+            backend_ids: IdAllocator::new(opts.max_backends),
+            table_ids: IdAllocator::new(2 * opts.max_services),
+        };
+        maps.config
+            .set(0, opts.config, 0)
+            .context("write the config map")?;
+        maps.adopt()
+            .context("read the state left in the pinned maps")?;
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: opts.pin_dir.clone(),
+            links: vec![],
+        })
+    }
+
+    /// The loaded program, for BPF_PROG_TEST_RUN.
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(maps::XDP_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(maps::XDP_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    /// Attaches to every interface. A link pinned by an earlier agent is taken over and pointed at
+    /// this program in one atomic update, so traffic never sees a gap.
+    pub fn attach(&mut self, ifaces: &[String], mode: AttachMode) -> anyhow::Result<()> {
+        for iface in ifaces {
+            let link = self
+                .attach_one(iface, mode)
+                .with_context(|| format!("XDP attach on {iface} failed"))?;
+            self.links.push(link);
+        }
+        Ok(())
+    }
+
+    fn attach_one(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<AttachedLink> {
+        let pin = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link_{iface}")));
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            let pinned = PinnedLink::from_pin(pin)?;
+            let link = XdpLink::try_from(FdLink::from(pinned))?;
+            let program = self.program_mut();
+            let id = program
+                .attach_to_link(link)
+                .context("replace the program of the pinned link")?;
+            // Keep the link pinned: dropping our handle must not detach it.
+            let _ = FdLink::try_from(program.take_link(id)?)?;
+            info!(iface, pin = %pin.display(), "took over the pinned XDP link; program replaced atomically");
+            return Ok(AttachedLink {
+                iface: iface.to_owned(),
+                pinned: Some(pin.clone()),
+            });
+        }
+        let program = self.program_mut();
+        let id = match mode {
+            AttachMode::Driver => program.attach(iface, XdpMode::Driver)?,
+            AttachMode::Generic => program.attach(iface, XdpMode::Skb)?,
+            AttachMode::Auto => match program.attach(iface, XdpMode::Driver) {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(iface, error = %e, "native XDP attach failed, using generic (skb) mode, which is much slower");
+                    program.attach(iface, XdpMode::Skb)?
+                }
+            },
+        };
+        let Some(pin) = pin else {
+            return Ok(AttachedLink {
+                iface: iface.to_owned(),
+                pinned: None,
+            });
+        };
+        let link = program.take_link(id)?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                let _ = fd_link
+                    .pin(&pin)
+                    .with_context(|| format!("pin the link at {}", pin.display()))?;
+                info!(iface, pin = %pin.display(), "attached; link pinned");
+                Ok(AttachedLink {
+                    iface: iface.to_owned(),
+                    pinned: Some(pin),
+                })
+            }
+            Err(e) => {
+                warn!(iface, error = %e, "kernel has no XDP bpf_link; attached through netlink, which a restart cannot take over");
+                Ok(AttachedLink {
+                    iface: iface.to_owned(),
+                    pinned: None,
+                })
+            }
+        }
+    }
+
+    /// Detaches from every interface (unpinning the links). Maps stay pinned, so a later agent
+    /// still finds the conntrack state.
+    pub fn detach(&mut self) {
+        for link in self.links.drain(..) {
+            if let Some(pin) = &link.pinned {
+                match PinnedLink::from_pin(pin).map(|p| p.unpin()) {
+                    Ok(Ok(_fd_link)) => info!(iface = link.iface, "detached"),
+                    Ok(Err(e)) => {
+                        warn!(iface = link.iface, error = %e, "could not unpin the XDP link")
+                    }
+                    Err(e) => {
+                        warn!(iface = link.iface, error = %e, "could not open the pinned XDP link")
+                    }
+                }
+            }
+        }
+        // Netlink attachments are owned by the program and go when `self.ebpf` is dropped.
+    }
+
+    /// Leaves the pinned links in place so the dataplane keeps forwarding after the agent exits.
+    pub fn keep_attached(&mut self) {
+        for link in self.links.drain(..) {
+            if link.pinned.is_some() {
+                info!(
+                    iface = link.iface,
+                    "left attached (pinned); traffic keeps flowing"
+                );
+            } else {
+                warn!(iface = link.iface, "netlink attachment ends with the agent");
+            }
+        }
+    }
+}
+
+impl Dataplane for XdpDataplane {
+    fn kind(&self) -> &'static str {
+        "xdp"
+    }
+
+    fn current(&self) -> &BTreeMap<FrontendKey, FrontendSpec> {
+        &self.maps.current
+    }
+
+    fn unsupported(&self, key: &FrontendKey) -> Option<String> {
+        if key.protocol == Protocol::Sctp {
+            return Some("SCTP frontends are not supported by the XDP dataplane yet".into());
+        }
+        if key.addr.is_ipv6() {
+            return Some("IPv6 frontends are not supported by the XDP dataplane yet".into());
+        }
+        None
+    }
+
+    fn apply(&mut self, ops: Vec<Op>) -> Vec<OpError> {
+        self.maps.apply(ops)
+    }
+
+    fn refresh(&mut self) -> anyhow::Result<()> {
+        self.maps.adopt()
+    }
+}
+
+fn wire_addr(addr: IpAddr) -> ([u32; 4], u8) {
+    match addr {
+        IpAddr::V4(a) => (wire_addr_v4(a.octets()), family::IPV4),
+        IpAddr::V6(a) => (wire_addr_v6(a.octets()), family::IPV6),
+    }
+}
+
+fn ip_from_wire(addr: &[u32; 4], fam: u8) -> IpAddr {
+    let o = wire_addr_octets(addr);
+    if fam == family::IPV6 {
+        IpAddr::from(o)
+    } else {
+        IpAddr::from([o[0], o[1], o[2], o[3]])
+    }
+}
+
+/// The map key of a frontend.
+pub fn service_key(key: &FrontendKey) -> ServiceKey {
+    let (addr, family) = wire_addr(key.addr);
+    ServiceKey {
+        addr,
+        port: key.port.to_be(),
+        proto: key.protocol.number(),
+        family,
+    }
+}
+
+fn frontend_key(key: &ServiceKey) -> Option<FrontendKey> {
+    Some(FrontendKey {
+        addr: ip_from_wire(&key.addr, key.family),
+        port: u16::from_be(key.port),
+        protocol: Protocol::from_number(key.proto)?,
+    })
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound)
+}
+
+impl XdpMaps {
+    /// Rebuilds the agent's record from the maps (after a restart, or to repair drift).
+    fn adopt(&mut self) -> anyhow::Result<()> {
+        self.installed.clear();
+        self.current.clear();
+        self.backend_slots.clear();
+        let mut service_ids = BTreeSet::new();
+        let mut table_ids = BTreeSet::new();
+        let mut backend_ids = BTreeSet::new();
+        let entries: Vec<(ServiceKey, ServiceValue)> = self
+            .services
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("iterate services")?;
+        for (skey, value) in entries {
+            let Some(key) = frontend_key(&skey) else {
+                warn!(?skey, "removing a service entry with an unknown protocol");
+                self.services.remove(&skey)?;
+                continue;
+            };
+            service_ids.insert(value.id);
+            let mut ids = BTreeSet::new();
+            if value.table_id != 0 {
+                table_ids.insert(value.table_id);
+                match self.tables.get(&value.table_id, 0) {
+                    Ok(table) => {
+                        ids.extend(table.backend_ids[..table.len as usize].iter().copied())
+                    }
+                    Err(e) if is_not_found(&e) => warn!(%key, "service names a missing table"),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let mut backends = Vec::new();
+            for id in ids {
+                let b = self.backends.get(&id, 0)?;
+                if b.flags & BACKEND_F_ACTIVE == 0 {
+                    continue;
+                }
+                backend_ids.insert(id);
+                let addr = ip_from_wire(&b.addr, b.family);
+                let port = u16::from_be(b.port);
+                let slot = self
+                    .backend_slots
+                    .entry((addr, port))
+                    .or_insert(BackendSlot {
+                        id,
+                        refs: 0,
+                        weight: b.weight,
+                    });
+                slot.refs += 1;
+                backends.push(BackendSpec {
+                    addr,
+                    port,
+                    weight: b.weight,
+                });
+            }
+            backends.sort();
+            let spec = FrontendSpec {
+                service: String::new(),
+                scheduler: Scheduler::from_u8(value.scheduler).unwrap_or_default(),
+                affinity_timeout_s: (value.flags & SERVICE_F_AFFINITY != 0)
+                    .then_some(value.affinity_timeout_s),
+                backends,
+                draining: vec![],
+            };
+            self.current.insert(key, spec.clone());
+            self.installed.insert(key, Installed { spec, value });
+        }
+        // Tables no service points at are leftovers of an interrupted update.
+        let stale_tables: Vec<u32> = self
+            .tables
+            .keys()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter(|id| !table_ids.contains(id))
+            .collect();
+        for id in stale_tables {
+            self.tables.remove(&id)?;
+        }
+        self.service_ids.adopt(&service_ids);
+        self.table_ids.adopt(&table_ids);
+        self.backend_ids.adopt(&backend_ids);
+        if !self.current.is_empty() {
+            info!(
+                frontends = self.current.len(),
+                backends = self.backend_slots.len(),
+                "adopted state from pinned maps"
+            );
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, ops: Vec<Op>) -> Vec<OpError> {
+        let mut errors = Vec::new();
+        let mut flush = ConntrackFlush::default();
+        for op in ops {
+            let key = *op.key();
+            let result = match op {
+                Op::Upsert(key, spec) => self.upsert(key, spec, &mut flush),
+                Op::Remove(key) => self.remove(key, &mut flush),
+            };
+            if let Err(error) = result {
+                errors.push(OpError { key, error });
+            }
+        }
+        if let Err(error) = self.flush_conntrack(&flush) {
+            warn!(error = %error, "could not delete conntrack entries of removed backends");
+        }
+        errors
+    }
+
+    /// Gets (or creates) the backend id of `b`, holding one reference.
+    fn acquire_backend(&mut self, b: &BackendSpec) -> anyhow::Result<u32> {
+        if let Some(slot) = self.backend_slots.get_mut(&(b.addr, b.port)) {
+            if slot.weight != b.weight && b.weight != 0 {
+                let mut value = self.backends.get(&slot.id, 0)?;
+                value.weight = b.weight;
+                self.backends.set(slot.id, value, 0)?;
+                slot.weight = b.weight;
+            }
+            slot.refs += 1;
+            return Ok(slot.id);
+        }
+        let id = self.backend_ids.alloc("backend")?;
+        let (addr, family) = wire_addr(b.addr);
+        let value = BackendValue {
+            addr,
+            port: b.port.to_be(),
+            family,
+            flags: BACKEND_F_ACTIVE,
+            weight: b.weight,
+        };
+        if let Err(e) = self.backends.set(id, value, 0) {
+            self.backend_ids.release(id);
+            return Err(e).context("write backend");
+        }
+        self.backend_slots.insert(
+            (b.addr, b.port),
+            BackendSlot {
+                id,
+                refs: 1,
+                weight: b.weight,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Drops one reference; the last one clears the backend's slot.
+    fn release_backend(&mut self, addr: IpAddr, port: u16) -> anyhow::Result<()> {
+        let Some(slot) = self.backend_slots.get_mut(&(addr, port)) else {
+            return Ok(());
+        };
+        slot.refs -= 1;
+        if slot.refs == 0 {
+            let id = slot.id;
+            self.backend_slots.remove(&(addr, port));
+            self.backends.set(id, BackendValue::default(), 0)?;
+            self.backend_ids.release(id);
+        }
+        Ok(())
+    }
+
+    fn upsert(
+        &mut self,
+        key: FrontendKey,
+        spec: FrontendSpec,
+        flush: &mut ConntrackFlush,
+    ) -> anyhow::Result<()> {
+        let skey = service_key(&key);
+        let previous = self.installed.get(&key).cloned();
+
+        // 1. Backends first, so any table written below only names live entries.
+        let mut acquired: Vec<(IpAddr, u16)> = Vec::new();
+        let mut active_ids = Vec::with_capacity(spec.backends.len());
+        for (i, b) in spec.backends.iter().chain(&spec.draining).enumerate() {
+            match self.acquire_backend(b) {
+                Ok(id) => {
+                    acquired.push((b.addr, b.port));
+                    if i < spec.backends.len() {
+                        active_ids.push(id);
+                    }
+                }
+                Err(e) => {
+                    for (addr, port) in acquired {
+                        let _ = self.release_backend(addr, port);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+
+        // 2. A new table under a fresh id.
+        let model_backends: Vec<Backend> = spec
+            .backends
+            .iter()
+            .map(|b| Backend::ready(b.addr, b.port, b.weight))
+            .collect();
+        let slots = sched_table::build(spec.scheduler, &model_backends);
+        let result = (|| -> anyhow::Result<ServiceValue> {
+            let table_id = if slots.is_empty() {
+                0
+            } else {
+                let mut table = Box::<SchedTable>::default();
+                table.len = slots.len() as u32;
+                for (dst, &i) in table.backend_ids.iter_mut().zip(&slots) {
+                    *dst = active_ids[i as usize];
+                }
+                let id = self.table_ids.alloc("scheduler table")?;
+                if let Err(e) = self.tables.insert(id, *table, 0) {
+                    self.table_ids.release(id);
+                    return Err(e).context("write scheduler table");
+                }
+                id
+            };
+            let id = match &previous {
+                Some(p) => p.value.id,
+                None => {
+                    let id = self.service_ids.alloc("service")?;
+                    // A recycled id must not inherit the counters of its previous owner.
+                    let zeros = PerCpuValues::try_from(vec![
+                        ServiceStats::default();
+                        nr_cpus().map_err(|(_, e)| e)?
+                    ])?;
+                    self.service_stats.set(id, zeros, 0)?;
+                    id
+                }
+            };
+            let value = ServiceValue {
+                id,
+                table_id,
+                backend_count: spec.backends.iter().filter(|b| b.weight > 0).count() as u32,
+                affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
+                flags: if spec.affinity_timeout_s.is_some() {
+                    SERVICE_F_AFFINITY
+                } else {
+                    0
+                },
+                scheduler: spec.scheduler as u8,
+                _pad: 0,
+            };
+            // 3. Flip the frontend to the new table in one update.
+            if let Err(e) = self.services.insert(skey, value, 0) {
+                if previous.is_none() {
+                    self.service_ids.release(id);
+                }
+                if table_id != 0 {
+                    let _ = self.tables.remove(&table_id);
+                    self.table_ids.release(table_id);
+                }
+                return Err(e).context("write service entry (is the services map full?)");
+            }
+            Ok(value)
+        })();
+        let value = match result {
+            Ok(v) => v,
+            Err(e) => {
+                for (addr, port) in acquired {
+                    let _ = self.release_backend(addr, port);
+                }
+                return Err(e);
+            }
+        };
+
+        // 4. Retire what the previous state held.
+        if let Some(prev) = previous {
+            if prev.value.table_id != 0 {
+                self.tables
+                    .remove(&prev.value.table_id)
+                    .or_else(|e| if is_not_found(&e) { Ok(()) } else { Err(e) })?;
+                self.table_ids.release(prev.value.table_id);
+            }
+            for b in prev.spec.backends.iter().chain(&prev.spec.draining) {
+                let still_used = spec
+                    .backends
+                    .iter()
+                    .chain(&spec.draining)
+                    .any(|n| (n.addr, n.port) == (b.addr, b.port));
+                if !still_used && let Some(slot) = self.backend_slots.get(&(b.addr, b.port)) {
+                    flush.service_backend.insert((value.id, slot.id));
+                }
+                self.release_backend(b.addr, b.port)?;
+            }
+        }
+        self.installed.insert(
+            key,
+            Installed {
+                spec: spec.clone(),
+                value,
+            },
+        );
+        self.current.insert(key, spec);
+        Ok(())
+    }
+
+    fn remove(&mut self, key: FrontendKey, flush: &mut ConntrackFlush) -> anyhow::Result<()> {
+        let Some(prev) = self.installed.remove(&key) else {
+            return Ok(());
+        };
+        self.current.remove(&key);
+        match self.services.remove(&service_key(&key)) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e).context("delete service entry"),
+        }
+        if prev.value.table_id != 0 {
+            let _ = self.tables.remove(&prev.value.table_id);
+            self.table_ids.release(prev.value.table_id);
+        }
+        flush.services.insert(prev.value.id);
+        self.service_ids.release(prev.value.id);
+        for b in prev.spec.backends.iter().chain(&prev.spec.draining) {
+            self.release_backend(b.addr, b.port)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the conntrack entries (both directions) of removed services and of backends that
+    /// left a service, in one pass over the table.
+    fn flush_conntrack(&mut self, flush: &ConntrackFlush) -> anyhow::Result<()> {
+        if flush.is_empty() {
+            return Ok(());
+        }
+        let doomed: Vec<FlowKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| {
+                flush.services.contains(&v.service_id)
+                    || flush
+                        .service_backend
+                        .contains(&(v.service_id, v.backend_id))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in &doomed {
+            match self.conntrack.remove(key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !doomed.is_empty() {
+            info!(
+                entries = doomed.len(),
+                "deleted conntrack entries of removed backends"
+            );
+        }
+        Ok(())
+    }
+
+    /// The service entry of a frontend, as the program sees it.
+    pub fn service_value(&self, key: &FrontendKey) -> Option<ServiceValue> {
+        self.installed.get(key).map(|i| i.value)
+    }
+
+    /// Sum over CPUs of a service's counters.
+    pub fn service_stats(&self, service_id: u32) -> anyhow::Result<ServiceStats> {
+        let per_cpu = self.service_stats.get(&service_id, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceStats::default(), |a, s| ServiceStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                new_flows: a.new_flows + s.new_flows,
+                no_backend: a.no_backend + s.no_backend,
+            }))
+    }
+
+    /// Sum over CPUs of the program-wide counters.
+    pub fn global_stats(&self) -> anyhow::Result<GlobalStats> {
+        let per_cpu = self.global_stats.get(&0, 0)?;
+        let mut sum = GlobalStats::default();
+        for s in per_cpu.iter() {
+            sum.packets += s.packets;
+            sum.not_service += s.not_service;
+            sum.malformed += s.malformed;
+            sum.fragments += s.fragments;
+            sum.ct_hits += s.ct_hits;
+            sum.ct_misses += s.ct_misses;
+            sum.ct_insert_failed += s.ct_insert_failed;
+            sum.reverse_nat += s.reverse_nat;
+            sum.fib_forwarded += s.fib_forwarded;
+            sum.fib_to_stack += s.fib_to_stack;
+            sum.no_backend += s.no_backend;
+        }
+        Ok(sum)
+    }
+
+    /// Every conntrack entry.
+    pub fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
+    /// The backend id of an address:port, if any frontend uses it.
+    pub fn backend_id(&self, addr: IpAddr, port: u16) -> Option<u32> {
+        self.backend_slots.get(&(addr, port)).map(|s| s.id)
+    }
+}
+
+/// Conntrack entries to delete after a batch of operations.
+#[derive(Default)]
+struct ConntrackFlush {
+    services: BTreeSet<u32>,
+    service_backend: BTreeSet<(u32, u32)>,
+}
+
+impl ConntrackFlush {
+    fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.service_backend.is_empty()
+    }
+}

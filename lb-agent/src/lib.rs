@@ -1,0 +1,12 @@
+//! The xlb agent, as a library so tests and tools drive the same code the binary runs.
+//!
+//! The flow, one module per stage: [`source`] (services file, Kubernetes) -> [`model`] (pure
+//! desired state) -> [`plan`] (diff into operations, with [`sched_table`] building scheduler
+//! tables) -> [`dataplane`] (XDP or IPVS). [`sync`] drives the stages.
+
+pub mod dataplane;
+pub mod model;
+pub mod plan;
+pub mod sched_table;
+pub mod source;
+pub mod sync;

@@ -1,0 +1,557 @@
+//! The services file: standalone mode's source of truth.
+//!
+//! The schema is a contract other tools write, so it is only ever extended:
+//!
+//! ```yaml
+//! services:
+//!   - name: web
+//!     vip: 10.96.0.10
+//!     port: 80
+//!     protocol: TCP          # TCP | UDP | SCTP
+//!     scheduler: maglev      # maglev (mh) | rr | wrr | sh | lc | wlc
+//!     sessionAffinity: {clientIP: {timeoutSeconds: 10800}}   # optional
+//!     backends:
+//!       - {ip: 10.10.2.11, port: 8080, weight: 1}
+//! ```
+//!
+//! [`parse`] is pure: every entry is checked on its own, an invalid one becomes a [`Rejection`]
+//! with its location and reason, and the valid ones still load. [`watch`] re-reads the file when
+//! it changes (inotify on its directory, so editors that replace the file are seen) or on SIGHUP.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    model::{
+        Backend, DEFAULT_AFFINITY_TIMEOUT_S, Frontend, Model, Protocol, Rejection, Scope, Service,
+        parse_scheduler,
+    },
+    source::SourceEvent,
+};
+
+/// Default scheduler of an entry without one.
+pub const DEFAULT_SCHEDULER: &str = "maglev";
+/// Weight of a backend without one.
+pub const DEFAULT_WEIGHT: u32 = 1;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    services: Vec<serde_norway::Value>,
+}
+
+/// One entry as written. Numbers are read wide (i64) so that out-of-range values get our own
+/// message instead of a deserializer's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Entry {
+    name: String,
+    vip: String,
+    port: i64,
+    #[serde(default = "default_protocol")]
+    protocol: String,
+    #[serde(default)]
+    scheduler: Option<String>,
+    #[serde(default)]
+    session_affinity: Option<SessionAffinity>,
+    #[serde(default)]
+    backends: Vec<BackendEntry>,
+}
+
+fn default_protocol() -> String {
+    "TCP".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SessionAffinity {
+    #[serde(rename = "clientIP")]
+    client_ip: ClientIp,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ClientIp {
+    #[serde(default)]
+    timeout_seconds: Option<serde_norway::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendEntry {
+    ip: String,
+    port: i64,
+    #[serde(default)]
+    weight: Option<serde_norway::Value>,
+}
+
+/// The outcome of reading a services file: what loads, and what was rejected.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub model: Model,
+    pub rejections: Vec<Rejection>,
+}
+
+/// Parses a whole services file. Only a file that is not YAML at all, or not a mapping with a
+/// `services` list, is an error; a bad entry only rejects that entry.
+pub fn parse(text: &str) -> anyhow::Result<Parsed> {
+    let file: File = if text.trim().is_empty() {
+        File { services: vec![] }
+    } else {
+        serde_norway::from_str(text)
+            .context("services file is not a mapping with a `services` list")?
+    };
+    let mut parsed = Parsed::default();
+    // Frontend -> name of the entry that claimed it first.
+    let mut claimed: BTreeMap<Frontend, String> = BTreeMap::new();
+    for (index, value) in file.services.into_iter().enumerate() {
+        let name = value
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map(str::to_owned);
+        let location = match &name {
+            Some(name) => format!("services[{index}] {name:?}"),
+            None => format!("services[{index}]"),
+        };
+        let reject = |reason: &'static str, detail: String| Rejection {
+            location: location.clone(),
+            reason,
+            detail,
+        };
+        let service = match translate(value) {
+            Ok(service) => service,
+            Err((reason, detail)) => {
+                parsed.rejections.push(reject(reason, detail));
+                continue;
+            }
+        };
+        if parsed.model.services.contains_key(&service.name) {
+            parsed.rejections.push(reject(
+                "duplicate_name",
+                format!(
+                    "name {:?} is already used by an earlier entry",
+                    service.name
+                ),
+            ));
+            continue;
+        }
+        if let Some(owner) = service.frontends.iter().find_map(|f| claimed.get(f)) {
+            parsed.rejections.push(reject(
+                "duplicate_frontend",
+                format!(
+                    "{} is already served by entry {owner:?}",
+                    service.frontends[0]
+                ),
+            ));
+            continue;
+        }
+        for frontend in &service.frontends {
+            claimed.insert(*frontend, service.name.clone());
+        }
+        parsed.model.services.insert(service.name.clone(), service);
+    }
+    Ok(parsed)
+}
+
+type Invalid = (&'static str, String);
+
+fn translate(value: serde_norway::Value) -> Result<Service, Invalid> {
+    let entry: Entry = serde_norway::from_value(value).map_err(|e| ("malformed", e.to_string()))?;
+    if entry.name.is_empty() {
+        return Err(("malformed", "name must not be empty".into()));
+    }
+    let vip: IpAddr = entry.vip.parse().map_err(|_| {
+        (
+            "bad_ip",
+            format!("vip {:?} is not an IP address", entry.vip),
+        )
+    })?;
+    let port = parse_port(entry.port, "port")?;
+    let protocol = Protocol::parse(&entry.protocol).ok_or((
+        "unknown_protocol",
+        format!("protocol {:?} is not one of TCP, UDP, SCTP", entry.protocol),
+    ))?;
+    let scheduler_name = entry.scheduler.as_deref().unwrap_or(DEFAULT_SCHEDULER);
+    let scheduler = parse_scheduler(scheduler_name).ok_or((
+        "unknown_scheduler",
+        format!("scheduler {scheduler_name:?} is not one of maglev, mh, rr, wrr, sh, lc, wlc"),
+    ))?;
+    let affinity_timeout_s = match entry.session_affinity {
+        None => None,
+        Some(SessionAffinity {
+            client_ip: ClientIp {
+                timeout_seconds: None,
+            },
+        }) => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+        Some(SessionAffinity {
+            client_ip: ClientIp {
+                timeout_seconds: Some(v),
+            },
+        }) => {
+            match v.as_u64() {
+                // Kubernetes' own bounds for sessionAffinityConfig.clientIP.timeoutSeconds.
+                Some(t @ 1..=86_400) => Some(t as u32),
+                _ => {
+                    return Err((
+                        "bad_affinity_timeout",
+                        format!(
+                            "timeoutSeconds {} is not an integer in 1..=86400",
+                            yaml_text(&v)
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+
+    let mut backends = Vec::with_capacity(entry.backends.len());
+    for (i, b) in entry.backends.into_iter().enumerate() {
+        let addr: IpAddr = b.ip.parse().map_err(|_| {
+            (
+                "bad_ip",
+                format!("backends[{i}].ip {:?} is not an IP address", b.ip),
+            )
+        })?;
+        if addr.is_ipv4() != vip.is_ipv4() {
+            return Err((
+                "family_mismatch",
+                format!("backends[{i}].ip {addr} is not of the same IP family as vip {vip}"),
+            ));
+        }
+        let port = parse_port(b.port, &format!("backends[{i}].port"))?;
+        let weight = match b.weight {
+            None => DEFAULT_WEIGHT,
+            Some(v) => match v.as_u64() {
+                Some(w) if w <= u32::MAX as u64 => w as u32,
+                _ => {
+                    return Err((
+                        "bad_weight",
+                        format!(
+                            "backends[{i}].weight {} is not a non-negative integer",
+                            yaml_text(&v)
+                        ),
+                    ));
+                }
+            },
+        };
+        backends.push(Backend::ready(addr, port, weight));
+    }
+    backends.sort();
+    if let Some(w) = backends
+        .windows(2)
+        .find(|w| (w[0].addr, w[0].port) == (w[1].addr, w[1].port))
+    {
+        return Err((
+            "duplicate_backend",
+            format!("backend {}:{} is listed twice", w[0].addr, w[0].port),
+        ));
+    }
+
+    Ok(Service {
+        name: entry.name,
+        frontends: vec![Frontend {
+            addr: vip,
+            port,
+            protocol,
+            scope: Scope::Internal,
+        }],
+        scheduler,
+        affinity_timeout_s,
+        internal_local: false,
+        external_local: false,
+        backends,
+    })
+}
+
+fn parse_port(value: i64, field: &str) -> Result<u16, Invalid> {
+    match u16::try_from(value) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(("bad_port", format!("{field} {value} is not in 1..=65535"))),
+    }
+}
+
+fn yaml_text(v: &serde_norway::Value) -> String {
+    serde_norway::to_string(v)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| format!("{v:?}"))
+}
+
+/// Reads and parses the file.
+pub fn load(path: &Path) -> anyhow::Result<Parsed> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read services file {}", path.display()))?;
+    parse(&text).with_context(|| format!("services file {}", path.display()))
+}
+
+/// Waits for editors to finish writing before re-reading (several inotify events arrive for one
+/// save).
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Sends the parsed file now, then again whenever it changes or SIGHUP arrives. A file that
+/// cannot be read or parsed is reported and the last good state stays.
+pub async fn watch(path: PathBuf, events: mpsc::Sender<SourceEvent>) -> anyhow::Result<()> {
+    use notify::{RecursiveMode, Watcher as _};
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let (tx, mut changed) = mpsc::unbounded_channel();
+    let file_name = path.file_name().map(|n| n.to_owned());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reads of the file (our own included) raise access events; only writes, creations,
+        // renames and removals mean new content.
+        if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
+            && event
+                .paths
+                .iter()
+                .any(|p| p.file_name() == file_name.as_deref())
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    watcher
+        .watch(dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    let mut hangup = signal(SignalKind::hangup())?;
+
+    loop {
+        match load(&path) {
+            Ok(parsed) => {
+                if events.send(SourceEvent::File(parsed)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Err(e) => warn!("services file not applied, keeping the last good state: {e:#}"),
+        }
+        tokio::select! {
+            Some(()) = changed.recv() => info!(path = %path.display(), "services file changed"),
+            _ = hangup.recv() => info!("SIGHUP: re-reading the services file"),
+        }
+        tokio::time::sleep(SETTLE).await;
+        while changed.try_recv().is_ok() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::Scheduler;
+
+    const GOOD: &str = "
+services:
+  - name: web
+    vip: 10.96.0.10
+    port: 80
+    protocol: TCP
+    scheduler: maglev
+    sessionAffinity: {clientIP: {timeoutSeconds: 300}}
+    backends:
+      - {ip: 10.10.2.11, port: 8080, weight: 3}
+      - {ip: 10.10.2.12, port: 8080}
+  - name: dns
+    vip: 10.96.0.53
+    port: 53
+    protocol: UDP
+    scheduler: rr
+    backends: []
+";
+
+    #[test]
+    fn a_valid_file_loads_every_entry() {
+        let parsed = parse(GOOD).unwrap();
+        assert!(parsed.rejections.is_empty(), "{:?}", parsed.rejections);
+        let web = &parsed.model.services["web"];
+        assert_eq!(web.frontends.len(), 1);
+        assert_eq!(
+            web.frontends[0].addr,
+            "10.96.0.10".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(web.frontends[0].port, 80);
+        assert_eq!(web.frontends[0].protocol, Protocol::Tcp);
+        assert_eq!(web.scheduler, Scheduler::Maglev);
+        assert_eq!(web.affinity_timeout_s, Some(300));
+        assert_eq!(
+            web.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            vec![3, 1]
+        );
+        let dns = &parsed.model.services["dns"];
+        assert_eq!(dns.scheduler, Scheduler::RoundRobin);
+        assert_eq!(dns.frontends[0].protocol, Protocol::Udp);
+        assert!(dns.backends.is_empty());
+        assert_eq!(dns.affinity_timeout_s, None);
+    }
+
+    #[test]
+    fn affinity_without_timeout_uses_the_kubernetes_default() {
+        let parsed = parse(
+            "services:\n- {name: a, vip: 10.0.0.1, port: 1, sessionAffinity: {clientIP: {}}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.model.services["a"].affinity_timeout_s,
+            Some(DEFAULT_AFFINITY_TIMEOUT_S)
+        );
+    }
+
+    /// Each bad entry sits between two good ones; it alone is rejected, with the reason.
+    #[test]
+    fn each_invalid_entry_is_rejected_alone_with_a_reason() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "vip: 10.96.0.300, port: 80",
+                "bad_ip",
+                "vip \"10.96.0.300\"",
+            ),
+            ("vip: not-an-ip, port: 80", "bad_ip", "not an IP address"),
+            (
+                "vip: 10.96.1.1, port: 0",
+                "bad_port",
+                "port 0 is not in 1..=65535",
+            ),
+            ("vip: 10.96.1.1, port: 65536", "bad_port", "port 65536"),
+            ("vip: 10.96.1.1, port: -1", "bad_port", "port -1"),
+            (
+                "vip: 10.96.1.1, port: 80, protocol: ICMP",
+                "unknown_protocol",
+                "\"ICMP\"",
+            ),
+            (
+                "vip: 10.96.1.1, port: 80, scheduler: random",
+                "unknown_scheduler",
+                "\"random\"",
+            ),
+            (
+                "vip: 10.96.1.1, port: 80, backends: [{ip: 10.1.1.1, port: 80, weight: -1}]",
+                "bad_weight",
+                "backends[0].weight -1 is not a non-negative integer",
+            ),
+            (
+                "vip: 10.96.1.1, port: 80, backends: [{ip: 10.1.1.1, port: 80, weight: 1.5}]",
+                "bad_weight",
+                "weight 1.5",
+            ),
+            (
+                "vip: 10.96.1.1, port: 80, backends: [{ip: 10.1.1.1, port: 80, weight: heavy}]",
+                "bad_weight",
+                "weight heavy",
+            ),
+            (
+                "vip: 10.96.1.1, port: 80, backends: [{ip: 10.1.1.1, port: 70000}]",
+                "bad_port",
+                "backends[0].port 70000",
+            ),
+            (
+                "vip: 10.96.1.1, port: 80, backends: [{ip: 10.1.1, port: 80}]",
+                "bad_ip",
+                "backends[0].ip",
+            ),
+            (
+                "vip: 10.96.1.1, port: 80, colour: red",
+                "malformed",
+                "colour",
+            ),
+            (
+                "vip: 10.96.0.10, port: 80",
+                "duplicate_frontend",
+                "10.96.0.10:80/TCP",
+            ),
+            (
+                "vip: 10.96.1.1, port: 80, sessionAffinity: {clientIP: {timeoutSeconds: 0}}",
+                "bad_affinity_timeout",
+                "timeoutSeconds 0",
+            ),
+        ];
+        for (fields, reason, detail) in cases {
+            let text = format!(
+                "services:
+  - {{name: first, vip: 10.96.0.10, port: 80, backends: [{{ip: 10.1.0.1, port: 80}}]}}
+  - {{name: bad, {fields}}}
+  - {{name: last, vip: 10.96.0.11, port: 80, protocol: UDP}}
+"
+            );
+            let parsed = parse(&text).unwrap();
+            assert_eq!(
+                parsed.model.services.keys().collect::<Vec<_>>(),
+                vec!["first", "last"],
+                "{fields}"
+            );
+            assert_eq!(
+                parsed.rejections.len(),
+                1,
+                "{fields}: {:?}",
+                parsed.rejections
+            );
+            let r = &parsed.rejections[0];
+            assert_eq!(r.location, "services[1] \"bad\"", "{fields}");
+            assert_eq!(r.reason, *reason, "{fields}: {r}");
+            assert!(
+                r.detail.contains(detail),
+                "{fields}: {:?} does not mention {detail:?}",
+                r.detail
+            );
+        }
+    }
+
+    #[test]
+    fn same_vip_and_port_on_another_protocol_is_not_a_duplicate() {
+        let parsed = parse(
+            "services:
+  - {name: tcp, vip: 10.0.0.1, port: 53, protocol: TCP}
+  - {name: udp, vip: 10.0.0.1, port: 53, protocol: UDP}
+",
+        )
+        .unwrap();
+        assert!(parsed.rejections.is_empty());
+        assert_eq!(parsed.model.services.len(), 2);
+    }
+
+    #[test]
+    fn duplicate_names_and_backends_are_rejected() {
+        let parsed = parse(
+            "services:
+  - {name: a, vip: 10.0.0.1, port: 1}
+  - {name: a, vip: 10.0.0.2, port: 1}
+  - {name: b, vip: 10.0.0.3, port: 1, backends: [{ip: 10.1.1.1, port: 1}, {ip: 10.1.1.1, port: 1}]}
+",
+        )
+        .unwrap();
+        let reasons: Vec<_> = parsed.rejections.iter().map(|r| r.reason).collect();
+        assert_eq!(reasons, vec!["duplicate_name", "duplicate_backend"]);
+        assert_eq!(parsed.model.services.len(), 1);
+    }
+
+    #[test]
+    fn an_entry_without_a_name_is_located_by_index() {
+        let parsed = parse("services:\n  - {vip: 10.0.0.1, port: 1}\n").unwrap();
+        assert_eq!(parsed.rejections[0].location, "services[0]");
+        assert_eq!(parsed.rejections[0].reason, "malformed");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_services_mapping_is_an_error() {
+        assert!(parse("- just\n- a list\n").is_err());
+        assert!(parse("services: {a: 1}\n").is_err());
+        assert!(parse("").unwrap().model.services.is_empty());
+    }
+
+    #[test]
+    fn the_shipped_example_file_is_valid() {
+        let text = include_str!("../../../deploy/examples/services.yaml");
+        let parsed = parse(text).unwrap();
+        assert!(parsed.rejections.is_empty(), "{:?}", parsed.rejections);
+        assert!(!parsed.model.services.is_empty());
+    }
+}

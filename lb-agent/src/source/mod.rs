@@ -1,0 +1,11 @@
+//! Sources turn the outside world into [`SourceEvent`]s carrying a complete desired state.
+//! Nothing downstream knows which source produced it.
+
+pub mod file;
+
+/// A new desired state from a source.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// The services file was (re-)read.
+    File(file::Parsed),
+}

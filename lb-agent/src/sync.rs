@@ -1,0 +1,166 @@
+//! The sync loop: source events in, dataplane operations out.
+//!
+//! Events are coalesced: a sync runs at most once per `min_sync_period` (kube-proxy's
+//! minSyncPeriod), and every `sync_period` a full resync re-reads the dataplane and repairs any
+//! drift. Each sync caused by a source logs one line operators and tests rely on:
+//! `sync applied source=file services=12 backends=36 generation=7`.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tokio::{
+    sync::mpsc,
+    time::{Instant, sleep_until},
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    dataplane::Dataplane,
+    model::{Model, Rejection},
+    plan,
+    source::SourceEvent,
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct SyncPeriods {
+    /// Minimum time between two syncs; events arriving meanwhile are coalesced.
+    pub min_sync_period: Duration,
+    /// Time between full resyncs.
+    pub sync_period: Duration,
+}
+
+impl Default for SyncPeriods {
+    fn default() -> Self {
+        Self {
+            min_sync_period: Duration::from_secs(1),
+            sync_period: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Outcome of one sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub generation: u64,
+    pub ops: usize,
+    pub failed: usize,
+    pub unsupported: usize,
+}
+
+/// Drives a dataplane towards the latest model.
+pub struct Syncer<'a> {
+    dataplane: &'a mut dyn Dataplane,
+    source: &'static str,
+    generation: u64,
+}
+
+impl<'a> Syncer<'a> {
+    pub fn new(dataplane: &'a mut dyn Dataplane, source: &'static str) -> Self {
+        Self {
+            dataplane,
+            source,
+            generation: 0,
+        }
+    }
+
+    /// Logs what a source rejected (each object with its location and reason).
+    pub fn report_rejections(&self, rejections: &[Rejection]) {
+        for r in rejections {
+            warn!(location = %r.location, reason = r.reason, "rejected: {}", r.detail);
+        }
+    }
+
+    /// One sync: diff the model against the dataplane and apply the difference.
+    /// `announce` logs the `sync applied` line even when nothing changed (syncs caused by a
+    /// source); periodic resyncs only log when they had to repair something.
+    pub fn sync(&mut self, model: &Model, announce: bool) -> SyncOutcome {
+        let mut desired = BTreeMap::new();
+        let mut unsupported = 0;
+        for (key, spec) in plan::desired(model) {
+            match self.dataplane.unsupported(&key) {
+                Some(why) => {
+                    unsupported += 1;
+                    warn!(service = spec.service, frontend = %key, reason = "unsupported", "rejected: {why}");
+                }
+                None => {
+                    desired.insert(key, spec);
+                }
+            }
+        }
+        let ops = plan::diff(self.dataplane.current(), &desired);
+        let n_ops = ops.len();
+        let errors = self.dataplane.apply(ops);
+        for e in &errors {
+            warn!(frontend = %e.key, "frontend not applied, its previous state is kept: {:#}", e.error);
+        }
+        if announce || n_ops > 0 {
+            self.generation += 1;
+        }
+        let services = model.services.len();
+        let backends = model.backend_count();
+        if !errors.is_empty() {
+            warn!(
+                source = %self.source, services, backends, generation = self.generation,
+                ops = n_ops, failed = errors.len(),
+                "sync failed for some frontends"
+            );
+        } else if announce || n_ops > 0 {
+            info!(
+                source = %self.source, services, backends, generation = self.generation, ops = n_ops,
+                "sync applied"
+            );
+        } else {
+            debug!(source = %self.source, "resync: dataplane matches the model");
+        }
+        SyncOutcome {
+            generation: self.generation,
+            ops: n_ops,
+            failed: errors.len(),
+            unsupported,
+        }
+    }
+
+    /// Runs until `events` closes or `shutdown` resolves.
+    pub async fn run(
+        &mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        periods: SyncPeriods,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut model: Option<Model> = None;
+        let mut pending = false;
+        let mut last_sync = Instant::now() - periods.min_sync_period;
+        let mut next_resync = Instant::now() + periods.sync_period;
+        loop {
+            let sync_at = if pending {
+                last_sync + periods.min_sync_period
+            } else {
+                next_resync
+            };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                event = events.recv() => match event {
+                    None => return,
+                    Some(SourceEvent::File(parsed)) => {
+                        self.report_rejections(&parsed.rejections);
+                        model = Some(parsed.model);
+                        pending = true;
+                    }
+                },
+                _ = sleep_until(sync_at) => {
+                    let Some(model) = &model else {
+                        next_resync = Instant::now() + periods.sync_period;
+                        continue;
+                    };
+                    if !pending && let Err(e) = self.dataplane.refresh() {
+                        warn!("resync could not re-read the dataplane: {e:#}");
+                    }
+                    self.sync(model, pending);
+                    pending = false;
+                    last_sync = Instant::now();
+                    next_resync = last_sync + periods.sync_period;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Names and capacities of every map. The name is the map's symbol in the eBPF object and the file
+//! name of its pin under the pin directory, so `bpftool map dump pinned /sys/fs/bpf/xlb/<name>`
+//! works with the names below. Kernel map names are limited to 15 characters.
+
+/// Default directory under bpffs where the agent pins every map and the program link.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
+
+/// Frontends: (VIP, port, protocol) -> [`crate::ServiceValue`]. Hash map.
+pub const SERVICES: &str = "xlb_services";
+/// Backends: backend id -> [`crate::BackendValue`]. Array indexed by backend id (0 is never used).
+pub const BACKENDS: &str = "xlb_backends";
+/// Scheduler tables: table id -> [`crate::SchedTable`]. Hash map without preallocation: each table
+/// is 64 KiB and only live services own one (two while a table is being replaced).
+pub const SCHED_TABLES: &str = "xlb_sched_tabs";
+/// Connection tracking: [`crate::FlowKey`] -> [`crate::FlowValue`], both directions of every
+/// flow. LRU hash map.
+pub const CONNTRACK: &str = "xlb_conntrack";
+/// Per-service counters: service id -> [`crate::ServiceStats`]. Per-CPU array.
+pub const SERVICE_STATS: &str = "xlb_svc_stats";
+/// Program-wide counters: index 0 -> [`crate::GlobalStats`]. Per-CPU array.
+pub const GLOBAL_STATS: &str = "xlb_glob_stats";
+/// Agent-set knobs: index 0 -> [`crate::Config`]. Array.
+pub const CONFIG: &str = "xlb_config";
+
+/// Every map pinned under the pin directory, for cleanup and inspection.
+pub const ALL: &[&str] = &[
+    SERVICES,
+    BACKENDS,
+    SCHED_TABLES,
+    CONNTRACK,
+    SERVICE_STATS,
+    GLOBAL_STATS,
+    CONFIG,
+];
+
+/// Name of the XDP program in the object, and of its pinned link under the pin directory
+/// (suffixed with the interface name).
+pub const XDP_PROGRAM: &str = "xlb_xdp";
+
+/// Default number of frontends (VIP:port:proto entries). Cilium's default LB map size.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Default number of backends (unique address:port pairs across all services).
+pub const MAX_BACKENDS: u32 = 262_144;
+/// Default number of scheduler tables. Twice the services: a service being updated briefly owns
+/// its old and its new table.
+pub const MAX_SCHED_TABLES: u32 = 2 * MAX_SERVICES;
+/// Default conntrack capacity (entries; each flow takes two: forward and reply).
+pub const CONNTRACK_MAX: u32 = 262_144;
+/// Number of entries of the single-entry maps ([`CONFIG`], [`GLOBAL_STATS`]).
+pub const SINGLETON: u32 = 1;

@@ -1,0 +1,45 @@
+//! Every map the program uses. Layouts, names and default sizes come from lb-common; the agent
+//! may resize them at load time (`EbpfLoader::map_max_entries`).
+#![allow(non_upper_case_globals)] // symbol names are the map names users see in bpftool
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    BackendValue, Config, FlowKey, FlowValue, GlobalStats, SchedTable, ServiceKey, ServiceStats,
+    ServiceValue,
+    maps::{CONNTRACK_MAX, MAX_BACKENDS, MAX_SCHED_TABLES, MAX_SERVICES, SINGLETON},
+};
+
+#[btf_map]
+pub static xlb_services: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static xlb_backends: Array<BackendValue, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Not preallocated: tables are 64 KiB and allocated only for live services. Entries are replaced
+/// whole (never edited), and non-preallocated hash elements are freed after an RCU grace period,
+/// so a packet holding a pointer to a table always sees a complete one.
+#[btf_map]
+pub static xlb_sched_tabs: HashMap<
+    u32,
+    SchedTable,
+    { MAX_SCHED_TABLES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map]
+pub static xlb_conntrack: LruHashMap<FlowKey, FlowValue, { CONNTRACK_MAX as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static xlb_svc_stats: PerCpuArray<ServiceStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static xlb_glob_stats: PerCpuArray<GlobalStats, { SINGLETON as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static xlb_config: Array<Config, { SINGLETON as usize }> = Array::new();

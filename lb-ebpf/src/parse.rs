@@ -1,0 +1,156 @@
+//! Stage 1: parse Ethernet (+ one 802.1Q/802.1ad tag), IPv4 and TCP/UDP into a [`Packet`].
+//!
+//! Every header access goes through [`ptr_at`], which proves to the verifier that the header lies
+//! inside the frame. Anything unexpected is reported as a [`Skip`] reason, and the caller passes
+//! the frame on untouched: a frame this stage cannot fully understand is never rewritten.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FlowKey, family, proto, wire_addr_v4};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+/// IPv4 flags/fragment-offset field: More Fragments bit and the 13-bit offset. Any of them set
+/// means the frame is a fragment.
+const IPV4_MF_AND_OFFSET: u16 = 0x3fff;
+/// Minimum IPv4 header length in 32-bit words (no options).
+const IPV4_MIN_IHL: u8 = 5;
+/// EtherTypes in network byte order, as network-types defines them and as read from the frame.
+const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
+const ETH_P_8021AD: u16 = EtherType::Ieee8021ad as u16;
+const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
+
+/// TCP flag bits as in the 14th byte of the header.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// Why a frame is left alone.
+#[derive(Clone, Copy)]
+pub enum Skip {
+    /// Not IPv4, or not TCP/UDP: not something a service can match.
+    NotService,
+    /// A header is truncated or inconsistent.
+    Malformed,
+    /// An IPv4 fragment: non-first fragments carry no ports, so none of them can be matched.
+    Fragment,
+}
+
+/// What the later stages need to know about a TCP/UDP over IPv4 frame.
+pub struct Packet {
+    /// Offset of the IPv4 header from the start of the frame.
+    pub l3_off: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4_off: usize,
+    /// The 5-tuple as it arrived.
+    pub key: FlowKey,
+    /// TCP flags (`TCP_*`), 0 for UDP.
+    pub tcp_flags: u8,
+    /// Frame length in bytes, for the byte counters.
+    pub len: u64,
+}
+
+/// Pointer to a `T` at `off` bytes into the frame, if the whole `T` is inside it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Skip::Malformed)?;
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3_off = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let vlan: *const VlanHdr = ptr_at(ctx, l3_off).ok_or(Skip::Malformed)?;
+        ether_type = unsafe { (*vlan).ether_type };
+        l3_off += VlanHdr::LEN;
+    }
+    if ether_type != ETH_P_IPV4 {
+        return Err(Skip::NotService);
+    }
+
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Skip::Malformed)?;
+    let (vihl, ip_proto, frags, tot_len) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).proto,
+            u16::from_be_bytes((*ip).frags),
+            u16::from_be_bytes((*ip).tot_len) as usize,
+        )
+    };
+    let ihl = vihl & 0x0f;
+    if vihl >> 4 != 4 || ihl < IPV4_MIN_IHL {
+        return Err(Skip::Malformed);
+    }
+    let ip_hdr_len = (ihl as usize) * 4;
+    // The IP datagram must fit in the frame (Ethernet padding may follow it) and hold its header.
+    if tot_len < ip_hdr_len || ctx.data() + l3_off + tot_len > ctx.data_end() {
+        return Err(Skip::Malformed);
+    }
+    if frags & IPV4_MF_AND_OFFSET != 0 {
+        return Err(Skip::Fragment);
+    }
+    let l4_off = l3_off + ip_hdr_len;
+
+    let (src_port, dst_port, tcp_flags) = match ip_proto {
+        proto::TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
+            // doff counts 32-bit words; less than the 20-byte fixed header is malformed.
+            let doff = unsafe { (*tcp).doff() } as usize;
+            if doff < 5 || ip_hdr_len + doff * 4 > tot_len {
+                return Err(Skip::Malformed);
+            }
+            let flags: *const u8 = ptr_at(ctx, l4_off + 13).ok_or(Skip::Malformed)?;
+            unsafe {
+                (
+                    u16::from_ne_bytes((*tcp).source),
+                    u16::from_ne_bytes((*tcp).dest),
+                    *flags & (TCP_FIN | TCP_SYN | TCP_RST),
+                )
+            }
+        }
+        proto::UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
+            if ip_hdr_len + UdpHdr::LEN > tot_len {
+                return Err(Skip::Malformed);
+            }
+            unsafe {
+                (
+                    u16::from_ne_bytes((*udp).src),
+                    u16::from_ne_bytes((*udp).dst),
+                    0,
+                )
+            }
+        }
+        _ => return Err(Skip::NotService),
+    };
+
+    let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
+    Ok(Packet {
+        l3_off,
+        l4_off,
+        key: FlowKey {
+            src_addr: wire_addr_v4(src),
+            dst_addr: wire_addr_v4(dst),
+            src_port,
+            dst_port,
+            proto: ip_proto,
+            family: family::IPV4,
+            _pad: 0,
+        },
+        tcp_flags,
+        len: (ctx.data_end() - ctx.data()) as u64,
+    })
+}
