@@ -24,6 +24,19 @@ pub fn agent_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent"))
 }
 
+/// A fresh directory under the system temp dir for a test's files.
+pub fn scratch_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "xlb-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A private bpffs instance, mounted outside /sys so that every `ip netns exec` (which remounts
 /// /sys) still sees it: agents started one after the other share its pins, as on a real node.
 pub struct BpfFs {
