@@ -259,7 +259,8 @@ fn truncated_headers_at_every_layer_pass_untouched() {
 fn inconsistent_headers_pass_untouched() {
     let h = harness();
     let good = syn((CLIENT, 40000), (VIP, 80));
-    let mutations: [(&str, fn(&mut Vec<u8>)); 5] = [
+    type Mutation = (&'static str, fn(&mut Vec<u8>));
+    let mutations: [Mutation; 5] = [
         ("IP total length beyond the frame", |f| {
             f[16..18].copy_from_slice(&200u16.to_be_bytes())
         }),
