@@ -1,7 +1,9 @@
 //! xlb's test harness, shared by the test suites under `tests/` and the demo binary:
-//! network namespaces ([`netns`]), the agent as a process ([`agent`]) and packet tests through
-//! BPF_PROG_TEST_RUN ([`packet`]).
+//! network namespaces ([`netns`]), the agent as a process ([`agent`]), packet tests through
+//! BPF_PROG_TEST_RUN ([`packet`]), and the end-to-end [`topology`] with real [`traffic`].
 
 pub mod agent;
 pub mod netns;
 pub mod packet;
+pub mod topology;
+pub mod traffic;
