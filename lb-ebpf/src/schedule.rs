@@ -30,7 +30,7 @@ pub fn pick(service: &ServiceValue, packet: &Packet) -> Option<Pick> {
     if slot >= table.len as usize {
         return None;
     }
-    let id = table.backend_ids[slot];
+    let id = *table.backend_ids.get(slot)?;
     let backend = *xlb_backends.get(id)?;
     if backend.flags & BACKEND_F_ACTIVE == 0 {
         return None;
