@@ -91,6 +91,10 @@ struct RunArgs {
     /// Time between full resyncs that repair drift.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     sync_period: Duration,
+    /// Time between conntrack housekeeping passes: expired flows and affinity pins are deleted,
+    /// and the lc/wlc active-flow counts recounted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    maintenance_period: Duration,
     /// What to do with the attached program on SIGINT/SIGTERM.
     #[arg(long, value_enum, default_value_t = OnExit::Detach)]
     on_exit: OnExit,
@@ -143,6 +147,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let periods = SyncPeriods {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
+        maintenance_period: args.maintenance_period,
     };
     Syncer::new(&mut dataplane, "file")
         .run(rx, periods, shutdown)

@@ -179,6 +179,21 @@ impl Service {
             .collect()
     }
 
+    /// Whether a frontend of `scope` with no usable backend drops traffic rather than refusing
+    /// it: Kubernetes drops under a Local traffic policy when the service has endpoints, just none
+    /// on this node; a service with no endpoints at all is refused.
+    pub fn drops_when_empty(&self, scope: Scope) -> bool {
+        let local_only = match scope {
+            Scope::Internal => self.internal_local,
+            Scope::External => self.external_local,
+        };
+        local_only
+            && self
+                .backends
+                .iter()
+                .any(|b| b.ready || (b.serving && b.terminating))
+    }
+
     /// Endpoints the traffic policy of `scope` allows at all.
     fn candidates(&self, scope: Scope) -> impl Iterator<Item = &Backend> {
         let local_only = match scope {

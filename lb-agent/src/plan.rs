@@ -58,6 +58,9 @@ pub struct FrontendSpec {
     /// Terminating backends outside `backends`: no new flows, but open ones may finish, so a
     /// dataplane keeps their connection state (IPVS keeps them at weight 0). Sorted.
     pub draining: Vec<BackendSpec>,
+    /// With no backend, drop new flows instead of refusing them (see
+    /// [`crate::model::Service::drops_when_empty`]).
+    pub drop_when_empty: bool,
 }
 
 impl FrontendSpec {
@@ -67,6 +70,7 @@ impl FrontendSpec {
             && self.affinity_timeout_s == other.affinity_timeout_s
             && self.backends == other.backends
             && self.draining == other.draining
+            && self.drop_when_empty == other.drop_when_empty
     }
 }
 
@@ -100,6 +104,7 @@ pub fn desired(model: &Model) -> BTreeMap<FrontendKey, FrontendSpec> {
                     affinity_timeout_s: service.affinity_timeout_s,
                     backends,
                     draining,
+                    drop_when_empty: service.drops_when_empty(frontend.scope),
                 },
             );
         }

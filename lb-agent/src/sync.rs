@@ -26,6 +26,8 @@ pub struct SyncPeriods {
     pub min_sync_period: Duration,
     /// Time between full resyncs.
     pub sync_period: Duration,
+    /// Time between dataplane housekeeping passes ([`Dataplane::maintain`]).
+    pub maintenance_period: Duration,
 }
 
 impl Default for SyncPeriods {
@@ -33,6 +35,7 @@ impl Default for SyncPeriods {
         Self {
             min_sync_period: Duration::from_secs(1),
             sync_period: Duration::from_secs(30),
+            maintenance_period: Duration::from_secs(5),
         }
     }
 }
@@ -131,6 +134,8 @@ impl<'a> Syncer<'a> {
         let mut pending = false;
         let mut last_sync = Instant::now() - periods.min_sync_period;
         let mut next_resync = Instant::now() + periods.sync_period;
+        let mut maintenance = tokio::time::interval(periods.maintenance_period);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let sync_at = if pending {
                 last_sync + periods.min_sync_period
@@ -139,6 +144,11 @@ impl<'a> Syncer<'a> {
             };
             tokio::select! {
                 _ = &mut shutdown => return,
+                _ = maintenance.tick() => {
+                    if let Err(e) = self.dataplane.maintain() {
+                        warn!("dataplane maintenance failed: {e:#}");
+                    }
+                }
                 event = events.recv() => match event {
                     None => return,
                     Some(SourceEvent::File(parsed)) => {

@@ -113,6 +113,10 @@ pub struct ServiceKey {
 /// [`ServiceValue::flags`]: ClientIP session affinity is on (timeout in
 /// [`ServiceValue::affinity_timeout_s`]).
 pub const SERVICE_F_AFFINITY: u16 = 1 << 0;
+/// [`ServiceValue::flags`]: with no usable backend, drop new flows instead of refusing them
+/// (Kubernetes drops traffic for a Local traffic policy without a local endpoint, and refuses it
+/// for a service without any endpoint).
+pub const SERVICE_F_DROP_NO_BACKEND: u16 = 1 << 1;
 
 /// Value of [`crate::maps::SERVICES`].
 #[repr(C)]
@@ -198,6 +202,12 @@ pub const FLOW_F_REPLY: u16 = 1 << 0;
 /// [`FlowValue::flags`]: a TCP FIN or RST was seen; the entry expires after the short closing
 /// timeout instead of the established one.
 pub const FLOW_F_CLOSING: u16 = 1 << 1;
+/// [`FlowValue::flags`] of a forward entry: the flow holds one count in its backend's
+/// [`crate::maps::BACKEND_CONNS`] counter (lc/wlc services), to give back when it closes.
+pub const FLOW_F_COUNTED: u16 = 1 << 2;
+/// [`FlowValue::flags`]: the flow's service has ClientIP affinity; packets keep the client's
+/// affinity entry fresh.
+pub const FLOW_F_AFFINITY: u16 = 1 << 3;
 
 /// Value of [`crate::maps::CONNTRACK`].
 #[repr(C)]
@@ -215,6 +225,50 @@ pub struct FlowValue {
     pub flags: u16,
     pub backend_id: u32,
     pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// Key of [`crate::maps::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipKey {
+    pub addr: WireAddr,
+    /// [`crate::family`] tag.
+    pub family: u8,
+    // Scalar padding fields: an array of zeros makes LLVM zero the whole key with a memset call,
+    // which in eBPF is a byte loop the verifier walks on every path.
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// Value of [`crate::maps::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipValue {
+    /// Frontends (port, protocol) on this address.
+    pub frontends: u32,
+}
+
+/// Key of [`crate::maps::AFFINITY`]: one client of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityKey {
+    pub client_addr: WireAddr,
+    pub service_id: u32,
+    /// [`crate::family`] tag.
+    pub family: u8,
+    /// Scalar padding, as in [`VipKey`].
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// Value of [`crate::maps::AFFINITY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// Coarse time of the client's last new flow or (at most every touch interval) packet.
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
     pub _pad: u32,
 }
 
@@ -259,6 +313,42 @@ pub struct GlobalStats {
     pub fib_to_stack: u64,
     /// Packets for a frontend with no usable backend.
     pub no_backend: u64,
+    /// TCP RSTs and ICMP port-unreachables sent for frontends without backends.
+    pub rejected: u64,
+    /// ICMP echo requests to a VIP answered.
+    pub icmp_echo_replies: u64,
+    /// ICMP errors about a NATed flow, reverse-NATed (outer and quoted headers).
+    pub icmp_errors_nat: u64,
+}
+
+impl core::ops::AddAssign for ServiceStats {
+    /// Sums per-CPU values.
+    fn add_assign(&mut self, o: Self) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.new_flows += o.new_flows;
+        self.no_backend += o.no_backend;
+    }
+}
+
+impl core::ops::AddAssign for GlobalStats {
+    /// Sums per-CPU values.
+    fn add_assign(&mut self, o: Self) {
+        self.packets += o.packets;
+        self.not_service += o.not_service;
+        self.malformed += o.malformed;
+        self.fragments += o.fragments;
+        self.ct_hits += o.ct_hits;
+        self.ct_misses += o.ct_misses;
+        self.ct_insert_failed += o.ct_insert_failed;
+        self.reverse_nat += o.reverse_nat;
+        self.fib_forwarded += o.fib_forwarded;
+        self.fib_to_stack += o.fib_to_stack;
+        self.no_backend += o.no_backend;
+        self.rejected += o.rejected;
+        self.icmp_echo_replies += o.icmp_echo_replies;
+        self.icmp_errors_nat += o.icmp_errors_nat;
+    }
 }
 
 /// [`Config::flags`]: answer ICMP echo requests to a VIP from XDP.
@@ -317,6 +407,10 @@ mod pod {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for GlobalStats {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 /// Compile-time proof that the layouts have no implicit padding (sizes are the sum of the
@@ -330,7 +424,11 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<FlowValue>() == 40);
     assert!(size_of::<ServiceStats>() == 32);
-    assert!(size_of::<GlobalStats>() == 88);
+    assert!(size_of::<GlobalStats>() == 112);
     assert!(size_of::<Config>() == 24);
+    assert!(size_of::<VipKey>() == 20);
+    assert!(size_of::<VipValue>() == 4);
+    assert!(size_of::<AffinityKey>() == 24);
+    assert!(size_of::<AffinityValue>() == 16);
     assert!(align_of::<FlowValue>() <= 8);
 };

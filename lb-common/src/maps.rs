@@ -21,6 +21,16 @@ pub const SERVICE_STATS: &str = "xlb_svc_stats";
 pub const GLOBAL_STATS: &str = "xlb_glob_stats";
 /// Agent-set knobs: index 0 -> [`crate::Config`]. Array.
 pub const CONFIG: &str = "xlb_config";
+/// Every frontend address: [`crate::VipKey`] -> [`crate::VipValue`], so ICMP to a VIP can be
+/// recognised without a port. Hash map.
+pub const VIPS: &str = "xlb_vips";
+/// ClientIP session affinity: [`crate::AffinityKey`] -> [`crate::AffinityValue`]. LRU hash map.
+pub const AFFINITY: &str = "xlb_affinity";
+/// Round-robin position per service: service id -> `u32` index into its table. Per-CPU array,
+/// so picks need no atomics and are exact on each CPU.
+pub const RR_CURSOR: &str = "xlb_rr_cursor";
+/// Active flows per backend for lc/wlc: backend id -> `u64`. Array, updated atomically.
+pub const BACKEND_CONNS: &str = "xlb_be_conns";
 
 /// Every map pinned under the pin directory, for cleanup and inspection.
 pub const ALL: &[&str] = &[
@@ -31,6 +41,10 @@ pub const ALL: &[&str] = &[
     SERVICE_STATS,
     GLOBAL_STATS,
     CONFIG,
+    VIPS,
+    AFFINITY,
+    RR_CURSOR,
+    BACKEND_CONNS,
 ];
 
 /// Name of the XDP program in the object, and of its pinned link under the pin directory
@@ -46,5 +60,12 @@ pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_SCHED_TABLES: u32 = 2 * MAX_SERVICES;
 /// Default conntrack capacity (entries; each flow takes two: forward and reply).
 pub const CONNTRACK_MAX: u32 = 262_144;
+/// Default number of VIP addresses (a VIP usually carries several frontends).
+pub const MAX_VIPS: u32 = MAX_SERVICES;
+/// Default number of (service, client address) affinity entries.
+pub const AFFINITY_MAX: u32 = 65_536;
+/// Most backends a least-connection (lc/wlc) service may have: the program compares them all
+/// in a bounded loop on every new flow.
+pub const LEAST_CONN_MAX_BACKENDS: u32 = 64;
 /// Number of entries of the single-entry maps ([`CONFIG`], [`GLOBAL_STATS`]).
 pub const SINGLETON: u32 = 1;

@@ -1,25 +1,46 @@
 //! xlb's XDP program. One stage per module, in the order a packet meets them:
-//! [`parse`] -> [`conntrack`] (both directions) -> [`lookup`] (service) -> [`schedule`] ->
-//! [`nat`] -> [`forward`], with [`stats`] counting along the way. Anything that is neither for a
-//! service nor a reply of a tracked flow leaves with XDP_PASS, untouched.
+//! [`parse`] -> [`conntrack`] (both directions) -> [`lookup`] (service) -> [`affinity`] /
+//! [`schedule`] -> [`nat`] -> [`forward`]; [`reject`] answers for frontends without backends and
+//! [`icmp`] handles echo requests to VIPs and ICMP errors about NATed flows. [`stats`] counts
+//! along the way. Anything that is neither for a service nor a reply of a tracked flow leaves
+//! with XDP_PASS, untouched.
 #![no_std]
 #![no_main]
+// Inline BPF assembly, for the atomic add of the least-connection counters.
+#![feature(asm_experimental_arch)]
 
+mod affinity;
 mod conntrack;
+mod csum;
 mod forward;
+mod icmp;
 mod lookup;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 mod schedule;
 mod stats;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
-use lb_common::{Config, FLOW_F_REPLY};
+use lb_common::{
+    Config, FLOW_F_AFFINITY, FLOW_F_COUNTED, FLOW_F_REPLY, SERVICE_F_AFFINITY,
+    SERVICE_F_DROP_NO_BACKEND, ServiceValue, proto,
+};
 
-use crate::{maps::xlb_config, nat::Side, parse::Skip};
+use crate::{
+    maps::xlb_config,
+    nat::Side,
+    parse::{Packet, Parsed, Skip},
+};
+
+/// GPL-only helpers (bpf_fib_lookup, bpf_redirect) need a GPL-compatible license; loaders read
+/// it from this section.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "license")]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 /// Index of the single config entry.
 const CONFIG_INDEX: u32 = 0;
@@ -27,8 +48,8 @@ const CONFIG_INDEX: u32 = 0;
 #[xdp]
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     stats::global(|s| s.packets += 1);
-    let packet = match parse::parse(&ctx) {
-        Ok(packet) => packet,
+    let parsed = match parse::parse(&ctx) {
+        Ok(parsed) => parsed,
         Err(skip) => {
             stats::global(|s| match skip {
                 Skip::NotService => s.not_service += 1,
@@ -41,37 +62,60 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     let Some(config) = xlb_config.get(CONFIG_INDEX) else {
         return xdp_action::XDP_PASS;
     };
+    match parsed {
+        Parsed::Icmp(icmp) => icmp::handle(&ctx, &icmp, config),
+        Parsed::Flow(packet) => flow(&ctx, &packet, config),
+    }
+}
+
+/// A TCP or UDP packet: a tracked flow in either direction, or a new flow to a service.
+#[inline(always)]
+fn flow(ctx: &XdpContext, packet: &Packet, config: &Config) -> u32 {
     // Coarse time is enough for idle timeouts and much cheaper than the precise clock.
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
 
-    if let Some(entry) = conntrack::lookup(&packet, now, config) {
-        entry.touch(&packet, now);
-        let flow = entry.value();
-        if flow.flags & FLOW_F_REPLY != 0 {
-            stats::global(|s| s.reverse_nat += 1);
-            if nat::rewrite(&ctx, &packet, Side::Source, &flow.nat_addr, flow.nat_port).is_none() {
-                return xdp_action::XDP_PASS;
+    if let Some(entry) = conntrack::lookup(packet, now, config) {
+        let touch = entry.touch(packet, now);
+        // A copy: later map operations must not change what this packet acts on.
+        let flow = *entry.value();
+        let reply = flow.flags & FLOW_F_REPLY != 0;
+        if touch.closed {
+            // The flow's least-connection count sits on its forward entry.
+            let forward = if reply {
+                conntrack::forward_of(&packet.key, &flow)
+            } else {
+                Some(entry)
+            };
+            if let Some(forward) = forward
+                && forward.take_count()
+            {
+                conntrack::uncount_flow(flow.backend_id);
             }
+        }
+        let side = if reply {
+            stats::global(|s| s.reverse_nat += 1);
+            Side::Source
         } else {
+            if touch.refreshed && flow.flags & FLOW_F_AFFINITY != 0 {
+                affinity::touch(
+                    flow.service_id,
+                    &packet.key.src_addr,
+                    packet.key.family,
+                    now,
+                );
+            }
             stats::global(|s| s.ct_hits += 1);
             stats::service(flow.service_id, |s| {
                 s.packets += 1;
                 s.bytes += packet.len;
             });
-            if nat::rewrite(
-                &ctx,
-                &packet,
-                Side::Destination,
-                &flow.nat_addr,
-                flow.nat_port,
-            )
-            .is_none()
-            {
-                return xdp_action::XDP_PASS;
-            }
+            Side::Destination
+        };
+        if nat::rewrite(ctx, packet, side, &flow.nat_addr, flow.nat_port).is_none() {
+            return xdp_action::XDP_PASS;
         }
-        return forward::forward(&ctx, &packet);
+        return forward::forward(ctx, packet.l3_off, packet.key.proto);
     }
 
     let Some(service) = lookup::service_for(&packet.key) else {
@@ -82,30 +126,55 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
         s.packets += 1;
         s.bytes += packet.len;
     });
-    new_flow(&ctx, &packet, service, config, now)
+    // The new-flow and refusal paths run as BPF subprograms with their own stack frames, and
+    // forwarding happens back here, so no call chain stacks two large frames (the verifier caps
+    // a chain at 512 bytes).
+    match new_flow(ctx, packet, service, now) {
+        NEW_FLOW_FORWARD => forward::forward(ctx, packet.l3_off, packet.key.proto),
+        NEW_FLOW_NO_BACKEND => no_backend(ctx, packet, service),
+        action => action,
+    }
 }
 
-/// Schedules, tracks, rewrites and forwards the first packet of a flow.
-#[inline(always)]
-fn new_flow(
-    ctx: &XdpContext,
-    packet: &parse::Packet,
-    service: &lb_common::ServiceValue,
-    _config: &Config,
-    now: u64,
-) -> u32 {
-    let Some(pick) = schedule::pick(service, packet) else {
-        stats::global(|s| s.no_backend += 1);
-        stats::service(service.id, |s| s.no_backend += 1);
-        return xdp_action::XDP_DROP;
+/// [`new_flow`] outcome: tracked and rewritten, forward it. (Plain `u32` codes beside the XDP
+/// actions rather than an enum: a subprogram returning an enum may leave a stack address in R0,
+/// which the verifier refuses.)
+const NEW_FLOW_FORWARD: u32 = u32::MAX;
+/// [`new_flow`] outcome: the service has no usable backend.
+const NEW_FLOW_NO_BACKEND: u32 = u32::MAX - 1;
+
+/// Picks a backend (affinity first, then the scheduler), tracks the flow and rewrites its first
+/// packet. Returns an XDP action, or one of the `NEW_FLOW_*` codes.
+#[inline(never)]
+fn new_flow(ctx: &XdpContext, packet: &Packet, service: &ServiceValue, now: u64) -> u32 {
+    let (src, family) = (&packet.key.src_addr, packet.key.family);
+    let sticky = service.flags & SERVICE_F_AFFINITY != 0;
+    let pinned = if sticky {
+        affinity::lookup(service, src, family, now)
+    } else {
+        None
     };
-    let backend = &pick.backend;
+    let (backend_id, backend) = match pinned {
+        Some(pinned) => pinned,
+        None => match schedule::pick(service, packet) {
+            Some(pick) => {
+                if sticky {
+                    affinity::pin(service.id, src, family, pick.id, now);
+                }
+                (pick.id, pick.backend)
+            }
+            None => return NEW_FLOW_NO_BACKEND,
+        },
+    };
+    let counted = schedule::counts_flows(service);
+    let flags = if counted { FLOW_F_COUNTED } else { 0 } | if sticky { FLOW_F_AFFINITY } else { 0 };
     if conntrack::insert(
         packet,
         &backend.addr,
         backend.port,
-        pick.id,
+        backend_id,
         service.id,
+        flags,
         now,
     )
     .is_err()
@@ -113,12 +182,35 @@ fn new_flow(
         stats::global(|s| s.ct_insert_failed += 1);
         return xdp_action::XDP_DROP;
     }
+    if counted {
+        conntrack::count_flow(backend_id);
+    }
     stats::global(|s| s.ct_misses += 1);
     stats::service(service.id, |s| s.new_flows += 1);
-    if nat::rewrite(ctx, packet, Side::Destination, &backend.addr, backend.port).is_none() {
-        return xdp_action::XDP_PASS;
+    match nat::rewrite(ctx, packet, Side::Destination, &backend.addr, backend.port) {
+        Some(()) => NEW_FLOW_FORWARD,
+        None => xdp_action::XDP_PASS,
     }
-    forward::forward(ctx, packet)
+}
+
+/// A frontend without a usable backend: refuse (TCP RST, ICMP port unreachable), or drop where
+/// Kubernetes drops (a Local traffic policy with no local endpoint).
+#[inline(never)]
+fn no_backend(ctx: &XdpContext, packet: &Packet, service: &ServiceValue) -> u32 {
+    stats::global(|s| s.no_backend += 1);
+    stats::service(service.id, |s| s.no_backend += 1);
+    if service.flags & SERVICE_F_DROP_NO_BACKEND != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    let action = if packet.key.proto == proto::TCP {
+        reject::tcp_reset(ctx, packet)
+    } else {
+        reject::udp_unreachable(ctx, packet)
+    };
+    if action == xdp_action::XDP_TX {
+        stats::global(|s| s.rejected += 1);
+    }
+    action
 }
 
 #[cfg(not(test))]

@@ -8,9 +8,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BackendValue, Config, FlowKey, FlowValue, GlobalStats, SchedTable, ServiceKey, ServiceStats,
-    ServiceValue,
-    maps::{CONNTRACK_MAX, MAX_BACKENDS, MAX_SCHED_TABLES, MAX_SERVICES, SINGLETON},
+    AffinityKey, AffinityValue, BackendValue, Config, FlowKey, FlowValue, GlobalStats, SchedTable,
+    ServiceKey, ServiceStats, ServiceValue, VipKey, VipValue,
+    maps::{
+        AFFINITY_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_SCHED_TABLES, MAX_SERVICES, MAX_VIPS,
+        SINGLETON,
+    },
 };
 
 #[btf_map]
@@ -43,3 +46,16 @@ pub static xlb_glob_stats: PerCpuArray<GlobalStats, { SINGLETON as usize }> = Pe
 
 #[btf_map]
 pub static xlb_config: Array<Config, { SINGLETON as usize }> = Array::new();
+
+#[btf_map]
+pub static xlb_vips: HashMap<VipKey, VipValue, { MAX_VIPS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static xlb_affinity: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static xlb_rr_cursor: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static xlb_be_conns: Array<u64, { MAX_BACKENDS as usize }> = Array::new();

@@ -1,42 +1,14 @@
 //! Stage 5: rewrite addresses and ports, updating the IPv4 header checksum and the TCP/UDP
-//! checksum incrementally (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
-//!
-//! Every value here is the packet's own bytes read as native integers. One's-complement sums are
-//! byte-order independent as long as all operands are read the same way, so no byte swapping is
-//! needed.
+//! checksum incrementally ([`crate::csum`]).
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{WireAddr, proto};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::parse::{Packet, ptr_at};
-
-/// Folds a 64-bit one's-complement accumulator into 16 bits.
-#[inline(always)]
-fn fold(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
-/// Adds a 32-bit word as two 16-bit words.
-#[inline(always)]
-fn add32(sum: u64, v: u32) -> u64 {
-    sum + (v & 0xffff) as u64 + (v >> 16) as u64
-}
-
-/// A checksum after replacing `old` by `new` (32-bit field) and `old16` by `new16` (16-bit
-/// field) in the covered data.
-#[inline(always)]
-fn updated(check: [u8; 2], old: u32, new: u32, old16: u16, new16: u16) -> u16 {
-    let mut sum = (!u16::from_ne_bytes(check)) as u64;
-    sum = add32(sum, !old);
-    sum = add32(sum, new);
-    sum += (!old16) as u64 + new16 as u64;
-    !fold(sum)
-}
+use crate::{
+    csum::Delta,
+    parse::{Packet, ptr_at},
+};
 
 /// Which end of the packet gets rewritten.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -78,7 +50,9 @@ pub fn rewrite(
         };
         let old_addr = u32::from_ne_bytes(*addr_field);
         *addr_field = new_addr.to_ne_bytes();
-        (*ip).check = updated((*ip).check, old_addr, new_addr, 0, 0).to_ne_bytes();
+        (*ip).check = Delta::new((*ip).check)
+            .replace32(old_addr, new_addr)
+            .finish();
 
         match l4 {
             L4::Tcp(tcp) => {
@@ -89,8 +63,10 @@ pub fn rewrite(
                 let old_port = u16::from_ne_bytes(*port_field);
                 *port_field = port.to_ne_bytes();
                 // The TCP checksum covers the pseudo-header (addresses) and the port.
-                (*tcp).check =
-                    updated((*tcp).check, old_addr, new_addr, old_port, port).to_ne_bytes();
+                (*tcp).check = Delta::new((*tcp).check)
+                    .replace32(old_addr, new_addr)
+                    .replace16(old_port, port)
+                    .finish();
             }
             L4::Udp(udp) => {
                 let port_field = match side {
@@ -102,8 +78,11 @@ pub fn rewrite(
                 // A zero UDP checksum means "none" and stays zero; a computed zero is sent as
                 // all ones (RFC 768).
                 if (*udp).check != [0, 0] {
-                    let check = updated((*udp).check, old_addr, new_addr, old_port, port);
-                    (*udp).check = if check == 0 { 0xffff } else { check }.to_ne_bytes();
+                    let check = Delta::new((*udp).check)
+                        .replace32(old_addr, new_addr)
+                        .replace16(old_port, port)
+                        .finish();
+                    (*udp).check = if check == [0, 0] { [0xff, 0xff] } else { check };
                 }
             }
         }
@@ -114,8 +93,8 @@ pub fn rewrite(
 /// Decrements the TTL (the LB forwards like a router), fixing the header checksum. Returns
 /// `false` when the TTL would expire: the kernel stack must handle it (ICMP time exceeded).
 #[inline(always)]
-pub fn decrement_ttl(ctx: &XdpContext, packet: &Packet) -> bool {
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, packet.l3_off) else {
+pub fn decrement_ttl(ctx: &XdpContext, l3_off: usize) -> bool {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
         return false;
     };
     // SAFETY: inside the frame, see `ptr_at`.
@@ -128,7 +107,7 @@ pub fn decrement_ttl(ctx: &XdpContext, packet: &Packet) -> bool {
         let old = u16::from_ne_bytes([ttl, (*ip).proto]);
         let new = u16::from_ne_bytes([ttl - 1, (*ip).proto]);
         (*ip).ttl = ttl - 1;
-        (*ip).check = updated((*ip).check, 0, 0, old, new).to_ne_bytes();
+        (*ip).check = Delta::new((*ip).check).replace16(old, new).finish();
     }
     true
 }

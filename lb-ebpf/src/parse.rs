@@ -1,4 +1,5 @@
-//! Stage 1: parse Ethernet (+ one 802.1Q/802.1ad tag), IPv4 and TCP/UDP into a [`Packet`].
+//! Stage 1: parse Ethernet (+ one 802.1Q/802.1ad tag), IPv4 and TCP/UDP into a [`Packet`]
+//! (or ICMP into an [`IcmpPacket`]).
 //!
 //! Every header access goes through [`ptr_at`], which proves to the verifier that the header lies
 //! inside the frame. Anything unexpected is reported as a [`Skip`] reason, and the caller passes
@@ -7,9 +8,10 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, family, proto, wire_addr_v4};
+use lb_common::{FlowKey, WireAddr, family, proto, wire_addr_v4};
 use network_types::{
     eth::{EthHdr, EtherType},
+    icmp::Icmpv4Hdr,
     ip::Ipv4Hdr,
     tcp::TcpHdr,
     udp::UdpHdr,
@@ -30,11 +32,12 @@ const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Why a frame is left alone.
 #[derive(Clone, Copy)]
 pub enum Skip {
-    /// Not IPv4, or not TCP/UDP: not something a service can match.
+    /// Not IPv4, or not TCP/UDP/ICMP: not something a service can match.
     NotService,
     /// A header is truncated or inconsistent.
     Malformed,
@@ -56,6 +59,22 @@ pub struct Packet {
     pub len: u64,
 }
 
+/// An ICMP message over IPv4 (echo requests to a VIP, errors about NATed flows).
+pub struct IcmpPacket {
+    pub l3_off: usize,
+    /// Offset of the ICMP header.
+    pub l4_off: usize,
+    pub dst: WireAddr,
+    pub icmp_type: u8,
+}
+
+/// A frame the later stages may act on.
+pub enum Parsed {
+    /// TCP or UDP.
+    Flow(Packet),
+    Icmp(IcmpPacket),
+}
+
 /// Pointer to a `T` at `off` bytes into the frame, if the whole `T` is inside it.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
@@ -68,7 +87,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, Skip> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Skip::Malformed)?;
     let mut ether_type = unsafe { (*eth).ether_type };
     let mut l3_off = EthHdr::LEN;
@@ -116,7 +135,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
             unsafe {
                 let flags = ((*tcp).fin() as u8 * TCP_FIN)
                     | ((*tcp).syn() as u8 * TCP_SYN)
-                    | ((*tcp).rst() as u8 * TCP_RST);
+                    | ((*tcp).rst() as u8 * TCP_RST)
+                    | ((*tcp).ack() as u8 * TCP_ACK);
                 (
                     u16::from_ne_bytes((*tcp).source),
                     u16::from_ne_bytes((*tcp).dest),
@@ -137,11 +157,25 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
                 )
             }
         }
+        proto::ICMP => {
+            let icmp: *const Icmpv4Hdr = ptr_at(ctx, l4_off).ok_or(Skip::Malformed)?;
+            if ip_hdr_len + size_of::<Icmpv4Hdr>() > tot_len {
+                return Err(Skip::Malformed);
+            }
+            // SAFETY: both headers lie inside the frame (`ptr_at`).
+            let (dst, icmp_type) = unsafe { ((*ip).dst_addr, (*icmp).type_) };
+            return Ok(Parsed::Icmp(IcmpPacket {
+                l3_off,
+                l4_off,
+                dst: wire_addr_v4(dst),
+                icmp_type,
+            }));
+        }
         _ => return Err(Skip::NotService),
     };
 
     let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
-    Ok(Packet {
+    Ok(Parsed::Flow(Packet {
         l3_off,
         l4_off,
         key: FlowKey {
@@ -155,5 +189,5 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
         },
         tcp_flags,
         len: (ctx.data_end() - ctx.data()) as u64,
-    })
+    }))
 }

@@ -45,7 +45,11 @@ pub struct BpfFs {
 
 impl BpfFs {
     pub fn new(tag: &str) -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!("xlb-bpffs-{tag}-{}", std::process::id()));
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        // Unique per instance: tests run concurrently in one process.
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("xlb-bpffs-{tag}{n}-{}", std::process::id()));
         std::fs::create_dir_all(&path)?;
         sh(&["mount", "-t", "bpf", "bpf", path.to_str().unwrap()])?;
         Ok(Self { path })

@@ -62,8 +62,30 @@ impl Harness {
     pub fn program(&mut self, services_yaml: &str) {
         let parsed = file::parse(services_yaml).expect("services file");
         assert!(parsed.rejections.is_empty(), "{:?}", parsed.rejections);
-        let outcome = Syncer::new(&mut self.dataplane, "test").sync(&parsed.model, true);
+        self.program_model(&parsed.model);
+    }
+
+    /// Programs the maps from a model (for what a services file cannot express, such as
+    /// Kubernetes traffic policies).
+    pub fn program_model(&mut self, model: &lb_agent::model::Model) {
+        let outcome = Syncer::new(&mut self.dataplane, "test").sync(model, true);
         assert_eq!(outcome.failed, 0, "sync failed");
+    }
+
+    /// Pins the calling thread to one CPU, so per-CPU scheduler state (round-robin cursors) is
+    /// the same for every run.
+    pub fn pin_to_cpu(&self, cpu: usize) {
+        // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity only touch it and
+        // the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+                0,
+                "sched_setaffinity"
+            );
+        }
     }
 
     /// Runs one frame through the program, as if received on loopback.
@@ -188,6 +210,10 @@ pub fn decode_checked(frame: &[u8]) -> Decoded {
                 tcp.calc_checksum_ipv4(&ip, &payload).unwrap(),
                 "TCP checksum"
             );
+        }
+        Some(etherparse::TransportHeader::Icmpv4(icmp)) => {
+            let want = etherparse::Icmpv4Header::with_checksum(icmp.icmp_type.clone(), &payload);
+            assert_eq!(icmp.checksum, want.checksum, "ICMP checksum");
         }
         Some(etherparse::TransportHeader::Udp(udp)) if udp.checksum != 0 => {
             assert_eq!(

@@ -11,8 +11,8 @@ use lb_common::{Config, FLOW_F_CLOSING, FLOW_F_REPLY, proto};
 use xlb_tests::{
     netns::sh,
     packet::{
-        CLIENT_MAC, Harness, LB_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, decode_checked,
-        flow_key, maglev_choice, syn, tcp_frame, udp_frame,
+        CLIENT_MAC, Harness, LB_MAC, XDP_PASS, XDP_REDIRECT, XDP_TX, decode_checked, flow_key,
+        maglev_choice, syn, tcp_frame, udp_frame,
     },
 };
 
@@ -441,15 +441,6 @@ fn frontend(port: u16, protocol: lb_agent::model::Protocol) -> lb_agent::plan::F
         port,
         protocol,
     }
-}
-
-#[test]
-fn a_service_without_backends_drops_new_flows() {
-    let mut h = Harness::new();
-    h.program("services:\n  - {name: empty, vip: 10.96.0.10, port: 80, backends: []}\n");
-    let out = h.run(&syn((CLIENT, 40000), (VIP, 80)));
-    assert_eq!(out.action, XDP_DROP);
-    assert_eq!(h.dataplane.maps.global_stats().unwrap().no_backend, 1);
 }
 
 /// With a route and a resolved neighbour, the program forwards by itself: MACs from the FIB,

@@ -32,4 +32,9 @@ pub trait Dataplane: Send {
     /// Re-reads what the kernel holds into [`Dataplane::current`], so the next diff repairs any
     /// drift (entries changed or removed behind the agent's back).
     fn refresh(&mut self) -> anyhow::Result<()>;
+
+    /// Periodic housekeeping between syncs (expiring connection state, recounting flows).
+    fn maintain(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }

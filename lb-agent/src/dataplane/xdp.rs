@@ -25,9 +25,12 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, BackendValue, Config, FlowKey, FlowValue, GlobalStats, LAYOUT_VERSION,
-    SERVICE_F_AFFINITY, SchedTable, Scheduler, ServiceKey, ServiceStats, ServiceValue, family,
-    maps, wire_addr_octets, wire_addr_v4, wire_addr_v6,
+    AffinityKey, AffinityValue, BACKEND_F_ACTIVE, BackendValue, Config, FLOW_F_CLOSING,
+    FLOW_F_COUNTED, FLOW_F_REPLY, FlowKey, FlowValue, GlobalStats, LAYOUT_VERSION,
+    SERVICE_F_AFFINITY, SERVICE_F_DROP_NO_BACKEND, SchedTable, Scheduler, ServiceKey, ServiceStats,
+    ServiceValue, VipKey, VipValue, family,
+    maps::{self, LEAST_CONN_MAX_BACKENDS},
+    wire_addr_octets, wire_addr_v4, wire_addr_v6,
 };
 use tracing::{info, warn};
 
@@ -149,7 +152,13 @@ pub struct XdpMaps {
     service_stats: PerCpuArray<MapData, ServiceStats>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
     config: Array<MapData, Config>,
+    vips: HashMap<MapData, VipKey, VipValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    rr_cursor: PerCpuArray<MapData, u32>,
+    backend_conns: Array<MapData, u64>,
 
+    /// The timeouts the program applies, for the agent's conntrack maintenance.
+    timeouts: Config,
     installed: BTreeMap<FrontendKey, Installed>,
     current: BTreeMap<FrontendKey, FrontendSpec>,
     backend_slots: StdHashMap<(IpAddr, u16), BackendSlot>,
@@ -257,7 +266,10 @@ impl XdpDataplane {
             .map_max_entries(maps::SERVICE_STATS, opts.max_services)
             .map_max_entries(maps::SCHED_TABLES, 2 * opts.max_services)
             .map_max_entries(maps::BACKENDS, opts.max_backends)
-            .map_max_entries(maps::CONNTRACK, opts.conntrack_max);
+            .map_max_entries(maps::CONNTRACK, opts.conntrack_max)
+            .map_max_entries(maps::VIPS, opts.max_services)
+            .map_max_entries(maps::RR_CURSOR, opts.max_services)
+            .map_max_entries(maps::BACKEND_CONNS, opts.max_backends);
         let mut ebpf = match &opts.object {
             Some(path) => loader
                 .load_file(path)
@@ -274,6 +286,12 @@ impl XdpDataplane {
         program
             .load()
             .context("the kernel rejected the XDP program")?;
+        if let Ok(info) = program.info() {
+            info!(
+                verified_insns = info.verified_instruction_count(),
+                "XDP program loaded"
+            );
+        }
 
         let mut maps = XdpMaps {
             services: HashMap::try_from(aya::maps::Map::HashMap(map_data(
@@ -298,6 +316,20 @@ impl XdpDataplane {
                 maps::GLOBAL_STATS,
             )?))?,
             config: Array::try_from(aya::maps::Map::Array(map_data(&mut ebpf, maps::CONFIG)?))?,
+            vips: HashMap::try_from(aya::maps::Map::HashMap(map_data(&mut ebpf, maps::VIPS)?))?,
+            affinity: HashMap::try_from(aya::maps::Map::LruHashMap(map_data(
+                &mut ebpf,
+                maps::AFFINITY,
+            )?))?,
+            rr_cursor: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map_data(
+                &mut ebpf,
+                maps::RR_CURSOR,
+            )?))?,
+            backend_conns: Array::try_from(aya::maps::Map::Array(map_data(
+                &mut ebpf,
+                maps::BACKEND_CONNS,
+            )?))?,
+            timeouts: opts.config,
             installed: BTreeMap::new(),
             current: BTreeMap::new(),
             backend_slots: StdHashMap::new(),
@@ -467,6 +499,14 @@ impl Dataplane for XdpDataplane {
     fn refresh(&mut self) -> anyhow::Result<()> {
         self.maps.adopt()
     }
+
+    fn maintain(&mut self) -> anyhow::Result<()> {
+        let done = self.maps.maintain()?;
+        if done.expired_flows + done.expired_pins > 0 {
+            tracing::debug!(?done, "conntrack maintenance");
+        }
+        Ok(())
+    }
 }
 
 fn wire_addr(addr: IpAddr) -> ([u32; 4], u8) {
@@ -572,6 +612,7 @@ impl XdpMaps {
                     .then_some(value.affinity_timeout_s),
                 backends,
                 draining: vec![],
+                drop_when_empty: value.flags & SERVICE_F_DROP_NO_BACKEND != 0,
             };
             self.current.insert(key, spec.clone());
             self.installed.insert(key, Installed { spec, value });
@@ -640,7 +681,12 @@ impl XdpMaps {
             flags: BACKEND_F_ACTIVE,
             weight: b.weight,
         };
-        if let Err(e) = self.backends.set(id, value, 0) {
+        // A recycled id must not inherit its previous owner's flow count.
+        let written = self
+            .backend_conns
+            .set(id, 0, 0)
+            .and_then(|()| self.backends.set(id, value, 0));
+        if let Err(e) = written {
             self.backend_ids.release(id);
             return Err(e).context("write backend");
         }
@@ -678,6 +724,18 @@ impl XdpMaps {
     ) -> anyhow::Result<()> {
         let skey = service_key(&key);
         let previous = self.installed.get(&key).cloned();
+        let least_conn = matches!(
+            spec.scheduler,
+            Scheduler::LeastConn | Scheduler::WeightedLeastConn
+        );
+        if least_conn && spec.backends.len() > LEAST_CONN_MAX_BACKENDS as usize {
+            bail!(
+                "{} has {} backends; the XDP dataplane compares at most {LEAST_CONN_MAX_BACKENDS} \
+                 for lc/wlc (use mh or wrr for larger services)",
+                spec.service,
+                spec.backends.len()
+            );
+        }
 
         // 1. Backends first, so any table written below only names live entries.
         let mut acquired: Vec<(IpAddr, u16)> = Vec::new();
@@ -732,6 +790,9 @@ impl XdpMaps {
                         nr_cpus().map_err(|(_, e)| e)?
                     ])?;
                     self.service_stats.set(id, zeros, 0)?;
+                    let cursors =
+                        PerCpuValues::try_from(vec![0u32; nr_cpus().map_err(|(_, e)| e)?])?;
+                    self.rr_cursor.set(id, cursors, 0)?;
                     id
                 }
             };
@@ -744,12 +805,21 @@ impl XdpMaps {
                     SERVICE_F_AFFINITY
                 } else {
                     0
+                } | if spec.drop_when_empty {
+                    SERVICE_F_DROP_NO_BACKEND
+                } else {
+                    0
                 },
                 scheduler: spec.scheduler as u8,
                 _pad: 0,
             };
-            // 3. Flip the frontend to the new table in one update.
+            // 3. Flip the frontend to the new table in one update (a new frontend first makes
+            // its address known as a VIP, for ICMP).
+            let vip_added = previous.is_none() && self.acquire_vip(key.addr).is_ok();
             if let Err(e) = self.services.insert(skey, value, 0) {
+                if vip_added {
+                    let _ = self.release_vip(key.addr);
+                }
                 if previous.is_none() {
                     self.service_ids.release(id);
                 }
@@ -818,6 +888,7 @@ impl XdpMaps {
         }
         flush.services.insert(prev.value.id);
         self.service_ids.release(prev.value.id);
+        self.release_vip(key.addr)?;
         for b in prev.spec.backends.iter().chain(&prev.spec.draining) {
             self.release_backend(b.addr, b.port)?;
         }
@@ -855,7 +926,127 @@ impl XdpMaps {
                 "deleted conntrack entries of removed backends"
             );
         }
+        // Clients pinned to a backend that left the service are re-balanced at once.
+        let backend_of_service: BTreeSet<(u32, u32)> = flush.service_backend.clone();
+        let unpinned: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                flush.services.contains(&k.service_id)
+                    || backend_of_service.contains(&(k.service_id, v.backend_id))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in &unpinned {
+            match self.affinity.remove(key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
+    }
+
+    /// Counts one more frontend on `addr`, registering it as a VIP.
+    fn acquire_vip(&mut self, addr: IpAddr) -> anyhow::Result<()> {
+        let key = vip_key(addr);
+        let frontends = match self.vips.get(&key, 0) {
+            Ok(v) => v.frontends + 1,
+            Err(e) if is_not_found(&e) => 1,
+            Err(e) => return Err(e.into()),
+        };
+        self.vips
+            .insert(key, VipValue { frontends }, 0)
+            .context("write VIP")?;
+        Ok(())
+    }
+
+    /// Counts one frontend less on `addr`; the last one unregisters the VIP.
+    fn release_vip(&mut self, addr: IpAddr) -> anyhow::Result<()> {
+        let key = vip_key(addr);
+        match self.vips.get(&key, 0) {
+            Ok(v) if v.frontends > 1 => self.vips.insert(
+                key,
+                VipValue {
+                    frontends: v.frontends - 1,
+                },
+                0,
+            )?,
+            Ok(_) => self.vips.remove(&key)?,
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Conntrack and affinity housekeeping, run periodically by the sync loop:
+    /// * deletes expired conntrack entries (both directions) and expired affinity pins, so dead
+    ///   flows do not crowd live ones out of the LRU maps;
+    /// * recounts the active flows of every backend for lc/wlc. The program counts flows up and
+    ///   down as they open and close, but cannot see entries the LRU map evicts or flows that end
+    ///   without FIN/RST; the recount overwrites its counters with the truth: open (not closing),
+    ///   unexpired, counted forward entries. Counts are thus honest to within one interval.
+    pub fn maintain(&mut self) -> anyhow::Result<Maintenance> {
+        let now = coarse_monotonic_ns();
+        // Entries are only removed well past their timeout, so a flow the program is refreshing
+        // right now (it writes last_seen at most once per touch interval) is never cut.
+        let grace = 2 * lb_common::hash::CT_TOUCH_INTERVAL_NS;
+        let mut expired = Vec::new();
+        let mut active: StdHashMap<u32, u64> = StdHashMap::new();
+        for (key, value) in self.conntrack.iter().filter_map(Result::ok) {
+            let timeout_s = if key.proto == lb_common::proto::TCP {
+                if value.flags & FLOW_F_CLOSING != 0 {
+                    self.timeouts.tcp_closing_timeout_s
+                } else {
+                    self.timeouts.tcp_timeout_s
+                }
+            } else {
+                self.timeouts.udp_timeout_s
+            };
+            if now.saturating_sub(value.last_seen_ns) > timeout_s as u64 * 1_000_000_000 + grace {
+                expired.push(key);
+            } else if value.flags & (FLOW_F_REPLY | FLOW_F_CLOSING) == 0
+                && value.flags & FLOW_F_COUNTED != 0
+            {
+                *active.entry(value.backend_id).or_default() += 1;
+            }
+        }
+        for key in &expired {
+            let _ = self.conntrack.remove(key);
+        }
+        for slot in self.backend_slots.values() {
+            let count = active.get(&slot.id).copied().unwrap_or(0);
+            self.backend_conns.set(slot.id, count, 0)?;
+        }
+
+        let timeouts: StdHashMap<u32, u32> = self
+            .installed
+            .values()
+            .map(|i| (i.value.id, i.value.affinity_timeout_s))
+            .collect();
+        let stale_pins: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| match timeouts.get(&k.service_id) {
+                Some(&t) => now.saturating_sub(v.last_seen_ns) > t as u64 * 1_000_000_000 + grace,
+                None => true,
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale_pins {
+            let _ = self.affinity.remove(key);
+        }
+        Ok(Maintenance {
+            expired_flows: expired.len(),
+            expired_pins: stale_pins.len(),
+        })
+    }
+
+    /// The active-flow count the program sees for a backend (lc/wlc).
+    pub fn backend_conns(&self, backend_id: u32) -> anyhow::Result<i64> {
+        Ok(self.backend_conns.get(&backend_id, 0)? as i64)
     }
 
     /// The service entry of a frontend, as the program sees it.
@@ -865,33 +1056,18 @@ impl XdpMaps {
 
     /// Sum over CPUs of a service's counters.
     pub fn service_stats(&self, service_id: u32) -> anyhow::Result<ServiceStats> {
-        let per_cpu = self.service_stats.get(&service_id, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(ServiceStats::default(), |a, s| ServiceStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-                new_flows: a.new_flows + s.new_flows,
-                no_backend: a.no_backend + s.no_backend,
-            }))
+        let mut sum = ServiceStats::default();
+        for s in self.service_stats.get(&service_id, 0)?.iter() {
+            sum += *s;
+        }
+        Ok(sum)
     }
 
     /// Sum over CPUs of the program-wide counters.
     pub fn global_stats(&self) -> anyhow::Result<GlobalStats> {
-        let per_cpu = self.global_stats.get(&0, 0)?;
         let mut sum = GlobalStats::default();
-        for s in per_cpu.iter() {
-            sum.packets += s.packets;
-            sum.not_service += s.not_service;
-            sum.malformed += s.malformed;
-            sum.fragments += s.fragments;
-            sum.ct_hits += s.ct_hits;
-            sum.ct_misses += s.ct_misses;
-            sum.ct_insert_failed += s.ct_insert_failed;
-            sum.reverse_nat += s.reverse_nat;
-            sum.fib_forwarded += s.fib_forwarded;
-            sum.fib_to_stack += s.fib_to_stack;
-            sum.no_backend += s.no_backend;
+        for s in self.global_stats.get(&0, 0)?.iter() {
+            sum += *s;
         }
         Ok(sum)
     }
@@ -907,7 +1083,35 @@ impl XdpMaps {
     }
 }
 
-/// Conntrack entries to delete after a batch of operations.
+/// What one [`XdpMaps::maintain`] pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    pub expired_flows: usize,
+    pub expired_pins: usize,
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads.
+fn coarse_monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn vip_key(addr: IpAddr) -> VipKey {
+    let (addr, family) = wire_addr(addr);
+    VipKey {
+        addr,
+        family,
+        _pad0: 0,
+        _pad1: 0,
+    }
+}
+
+/// Conntrack entries (and affinity pins) to delete after a batch of operations.
 #[derive(Default)]
 struct ConntrackFlush {
     services: BTreeSet<u32>,
