@@ -1,7 +1,9 @@
 //! xlb's test harness, shared by the test suites under `tests/` and the demo binary:
-//! network namespaces ([`netns`]), the agent as a process ([`agent`]) and packet tests through
-//! BPF_PROG_TEST_RUN ([`packet`]).
+//! network namespaces ([`netns`]), the agent as a process ([`agent`]), a fake Kubernetes API
+//! server ([`fake_apiserver`]) and packet tests through BPF_PROG_TEST_RUN ([`packet`]).
 
 pub mod agent;
+pub mod fake_apiserver;
+pub mod k8s_objects;
 pub mod netns;
 pub mod packet;
