@@ -156,6 +156,16 @@ impl Agent {
         self.wait_for(&["sync applied", &format!("generation={generation} ")])
     }
 
+    /// Whether the agent is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the `sync applied` line that reflects Kubernetes resourceVersion `rv`.
+    pub fn wait_for_rv(&mut self, rv: u64) -> anyhow::Result<String> {
+        self.wait_for(&["sync applied", "source=kubernetes", &format!(" rv={rv} ")])
+    }
+
     /// Sends a signal.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child.

@@ -7,3 +7,4 @@ pub mod fake_apiserver;
 pub mod k8s_objects;
 pub mod netns;
 pub mod packet;
+pub mod pinned;

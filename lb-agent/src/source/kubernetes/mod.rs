@@ -159,7 +159,10 @@ enum Change {
         resource_version: Option<String>,
     },
     /// A list is in progress: the store is unchanged until it completes.
-    Listing,
+    Listing {
+        kind: Kind,
+        resource_version: Option<String>,
+    },
     Failed {
         kind: Kind,
         error: watcher::Error,
@@ -194,7 +197,14 @@ where
                 listed: true,
                 resource_version: None,
             },
-            Ok(watcher::Event::Init) | Ok(watcher::Event::InitApply(_)) => Change::Listing,
+            Ok(watcher::Event::Init) => Change::Listing {
+                kind,
+                resource_version: None,
+            },
+            Ok(watcher::Event::InitApply(o)) => Change::Listing {
+                kind,
+                resource_version: rv(o.meta()),
+            },
             Err(error) => Change::Failed { kind, error },
         })
         .boxed();
@@ -205,6 +215,7 @@ where
 fn newer_rv(current: &mut String, seen: String) {
     match (current.parse::<u64>(), seen.parse::<u64>()) {
         (Ok(a), Ok(b)) if b <= a => {}
+        (Ok(_), Err(_)) if seen.is_empty() => {}
         _ => *current = seen,
     }
 }
@@ -235,6 +246,8 @@ pub async fn watch(
     let mut listed = [false; 3];
     let mut failing = [false; 3];
     let mut resource_version = String::new();
+    // Highest resourceVersion of each list in progress; it counts once the list is complete.
+    let mut listing_rv: [String; 3] = Default::default();
     let mut dirty = false;
     let mut warned_no_node = false;
     info!(node = %settings.node_name, "watching services, endpointslices and the node");
@@ -262,13 +275,23 @@ pub async fn watch(
                     if list_done {
                         debug!(watch = %kind, "list complete");
                         listed[i] = true;
+                        let listed_rv = std::mem::take(&mut listing_rv[i]);
+                        if !listed_rv.is_empty() {
+                            newer_rv(&mut resource_version, listed_rv);
+                        }
                     }
                     if let Some(rv) = rv {
                         newer_rv(&mut resource_version, rv);
                     }
                     dirty = true;
                 }
-                Change::Listing => {}
+                Change::Listing {
+                    kind,
+                    resource_version: rv,
+                } => match rv {
+                    Some(rv) => newer_rv(&mut listing_rv[kind as usize], rv),
+                    None => listing_rv[kind as usize].clear(),
+                },
                 Change::Failed { kind, error } => {
                     let i = kind as usize;
                     // One warning per outage; the retries every second stay at debug.
