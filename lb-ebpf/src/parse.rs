@@ -26,7 +26,7 @@ const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
 const ETH_P_8021AD: u16 = EtherType::Ieee8021ad as u16;
 const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
 
-/// TCP flag bits as in the 14th byte of the header.
+/// TCP flags the later stages care about, as bits of [`Packet::tcp_flags`].
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -112,12 +112,15 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
             if doff < 5 || ip_hdr_len + doff * 4 > tot_len {
                 return Err(Skip::Malformed);
             }
-            let flags: *const u8 = ptr_at(ctx, l4_off + 13).ok_or(Skip::Malformed)?;
+            // SAFETY: `ptr_at` proved the whole fixed header lies inside the frame.
             unsafe {
+                let flags = ((*tcp).fin() as u8 * TCP_FIN)
+                    | ((*tcp).syn() as u8 * TCP_SYN)
+                    | ((*tcp).rst() as u8 * TCP_RST);
                 (
                     u16::from_ne_bytes((*tcp).source),
                     u16::from_ne_bytes((*tcp).dest),
-                    *flags & (TCP_FIN | TCP_SYN | TCP_RST),
+                    flags,
                 )
             }
         }

@@ -66,13 +66,30 @@ impl Harness {
         assert_eq!(outcome.failed, 0, "sync failed");
     }
 
-    /// Runs one frame through the program.
+    /// Runs one frame through the program, as if received on loopback.
     pub fn run(&self, frame: &[u8]) -> Outcome {
+        self.run_with_ctx(frame, None)
+    }
+
+    /// Runs one frame as if received on interface `ifindex` (of the calling thread's namespace),
+    /// so the program's FIB lookup starts there.
+    pub fn run_on(&self, frame: &[u8], ifindex: u32) -> Outcome {
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex }: the kernel wants data_end == frame length and the rest zero.
+        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|v: &u32| v.to_ne_bytes())
+            .collect();
+        self.run_with_ctx(frame, Some(&ctx))
+    }
+
+    fn run_with_ctx(&self, frame: &[u8], ctx: Option<&[u8]>) -> Outcome {
         // The kernel may grow the frame (headroom is separate); leave room for encapsulations.
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: ctx,
             ..Default::default()
         };
         let result = self
@@ -118,4 +135,98 @@ pub fn udp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> 
     let mut frame = Vec::with_capacity(builder.size(payload.len()));
     builder.write(&mut frame, payload).unwrap();
     frame
+}
+
+/// The frame's headers as etherparse decodes them.
+#[derive(Debug)]
+pub struct Decoded {
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+    pub ip: etherparse::Ipv4Header,
+    pub transport: Option<etherparse::TransportHeader>,
+    pub payload: Vec<u8>,
+}
+
+impl Decoded {
+    pub fn src(&self) -> (Ipv4Addr, u16) {
+        (Ipv4Addr::from(self.ip.source), self.ports().0)
+    }
+
+    pub fn dst(&self) -> (Ipv4Addr, u16) {
+        (Ipv4Addr::from(self.ip.destination), self.ports().1)
+    }
+
+    fn ports(&self) -> (u16, u16) {
+        match &self.transport {
+            Some(etherparse::TransportHeader::Tcp(t)) => (t.source_port, t.destination_port),
+            Some(etherparse::TransportHeader::Udp(u)) => (u.source_port, u.destination_port),
+            _ => (0, 0),
+        }
+    }
+}
+
+/// Decodes an Ethernet/IPv4 frame and checks every checksum with etherparse's own computation
+/// (not the program's incremental arithmetic), panicking on any mismatch.
+pub fn decode_checked(frame: &[u8]) -> Decoded {
+    let headers = etherparse::PacketHeaders::from_ethernet_slice(frame).expect("frame parses");
+    let Some(etherparse::LinkHeader::Ethernet2(eth)) = headers.link else {
+        panic!("no Ethernet header")
+    };
+    let Some(etherparse::NetHeaders::Ipv4(ip, _)) = headers.net else {
+        panic!("no IPv4 header")
+    };
+    assert_eq!(
+        ip.header_checksum,
+        ip.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    let payload = headers.payload.slice().to_vec();
+    match &headers.transport {
+        Some(etherparse::TransportHeader::Tcp(tcp)) => {
+            assert_eq!(
+                tcp.checksum,
+                tcp.calc_checksum_ipv4(&ip, &payload).unwrap(),
+                "TCP checksum"
+            );
+        }
+        Some(etherparse::TransportHeader::Udp(udp)) if udp.checksum != 0 => {
+            assert_eq!(
+                udp.checksum,
+                udp.calc_checksum_ipv4(&ip, &payload).unwrap(),
+                "UDP checksum"
+            );
+        }
+        _ => {}
+    }
+    Decoded {
+        eth_src: eth.source,
+        eth_dst: eth.destination,
+        ip,
+        transport: headers.transport,
+        payload,
+    }
+}
+
+/// The conntrack / flow-hash key of a packet as the program builds it.
+pub fn flow_key(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        src_addr: lb_common::wire_addr_v4(src.0.octets()),
+        dst_addr: lb_common::wire_addr_v4(dst.0.octets()),
+        src_port: src.1.to_be(),
+        dst_port: dst.1.to_be(),
+        proto,
+        family: lb_common::family::IPV4,
+        _pad: 0,
+    }
+}
+
+/// The oracle: which backend weighted Maglev gives a flow, computed from the agent's table
+/// builder and lb-common's hash, independently of the program.
+pub fn maglev_choice(
+    backends: &[lb_agent::model::Backend],
+    key: &lb_common::FlowKey,
+) -> lb_agent::model::Backend {
+    let table = lb_agent::sched_table::maglev(backends);
+    let slot = lb_common::hash::maglev_slot(lb_common::hash::flow_hash(key));
+    backends[table[slot as usize] as usize]
 }

@@ -76,3 +76,29 @@ fn bpftool_reads_the_map_layouts_from_btf() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A panic path in eBPF becomes a function the verifier rejects ("last insn is not an exit or
+/// jmp"): every object xtask built (debug, and release when present) must be free of them.
+#[test]
+fn no_object_contains_panic_paths() {
+    let root =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none");
+    let mut checked = 0;
+    for profile in ["debug", "release"] {
+        let Ok(data) = std::fs::read(root.join(profile).join("lb-ebpf")) else {
+            continue;
+        };
+        let elf = object::File::parse(&*data).unwrap();
+        let panics: Vec<String> = elf
+            .symbols()
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            .filter(|n| n.contains("panicking") || n.contains("panic_"))
+            .collect();
+        assert!(
+            panics.is_empty(),
+            "{profile} object has panic paths: {panics:?}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no eBPF object found under {}", root.display());
+}

@@ -140,6 +140,8 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 fn test(extra: &[String]) -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
     build(false)?;
+    // The demo runs the release object: build it too, so the tests check it has no panic paths.
+    build_ebpf(true)?;
     run(&mut cargo(&["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run `cargo fmt --all`")?;
     run(Command::new("cargo")
