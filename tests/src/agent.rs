@@ -73,6 +73,12 @@ pub struct Agent {
 impl Agent {
     /// Starts `lb-agent <args>` inside `ns`.
     pub fn start(ns: &Netns, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_wrapped(ns, &[], args)
+    }
+
+    /// Starts `<wrapper...> lb-agent <args>` inside `ns`, e.g. under `setpriv` to drop
+    /// capabilities. The wrapper must exec the agent (so the child is the agent itself).
+    pub fn start_wrapped(ns: &Netns, wrapper: &[&str], args: &[&str]) -> anyhow::Result<Self> {
         let bin = agent_bin();
         if !bin.is_file() {
             bail!(
@@ -80,7 +86,14 @@ impl Agent {
                 bin.display()
             );
         }
-        let mut cmd = ns.command(bin.to_str().unwrap());
+        let mut cmd = match wrapper.split_first() {
+            None => ns.command(bin.to_str().unwrap()),
+            Some((program, rest)) => {
+                let mut cmd = ns.command(program);
+                cmd.args(rest).arg(&bin);
+                cmd
+            }
+        };
         // SAFETY: prctl is async-signal-safe. The agent gets SIGKILL if this process dies, so an
         // interrupted test or demo leaves no agent behind.
         unsafe {
@@ -154,6 +167,11 @@ impl Agent {
     /// Waits for the `sync applied` line of generation `n`.
     pub fn wait_for_sync(&mut self, generation: u64) -> anyhow::Result<String> {
         self.wait_for(&["sync applied", &format!("generation={generation} ")])
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the agent is still running.
