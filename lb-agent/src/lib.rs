@@ -2,9 +2,11 @@
 //!
 //! The flow, one module per stage: [`source`] (services file, Kubernetes) -> [`model`] (pure
 //! desired state) -> [`plan`] (diff into operations, with [`sched_table`] building scheduler
-//! tables) -> [`dataplane`] (XDP or IPVS). [`sync`] drives the stages.
+//! tables) -> [`dataplane`] (XDP or IPVS). [`sync`] drives the stages; [`health`] serves /healthz.
 
 pub mod dataplane;
+pub mod health;
+pub mod kube_proxy_config;
 pub mod model;
 pub mod plan;
 pub mod sched_table;

@@ -1,12 +1,18 @@
 //! `lb-agent`: the xlb node agent.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
     dataplane::xdp::{AttachMode, LoadOptions, XdpDataplane},
-    source::file,
+    health::Health,
+    kube_proxy_config::{self, KubeProxyConfig},
+    model::{Scheduler, parse_scheduler},
+    source::{
+        file,
+        kubernetes::{self, ClusterAccess, translate::NodeSettings},
+    },
     sync::{SyncPeriods, Syncer},
 };
 use lb_common::{CONFIG_F_ICMP_ECHO, Config, maps};
@@ -14,7 +20,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the dataplane, program it from the services file, and keep it in sync.
+    /// Load the dataplane, program it from the services file (standalone) or the cluster
+    /// (Kubernetes mode), and keep it in sync.
     Run(RunArgs),
 }
 
@@ -45,8 +52,29 @@ enum OnExit {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Services file (standalone mode). Re-read when it changes and on SIGHUP.
+    #[arg(long, value_name = "FILE", conflicts_with = "kubeconfig")]
+    services: Option<PathBuf>,
+    /// Kubernetes mode: watch the cluster this kubeconfig points at. Without it (and without
+    /// --services) an agent running in a pod uses its service account.
     #[arg(long, value_name = "FILE")]
-    services: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (Kubernetes mode): its addresses serve NodePorts, its endpoints are
+    /// node-local.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// A kube-proxy KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1). Command-line
+    /// flags win over its values.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Default scheduler (maglev|mh, rr, wrr, sh, lc, wlc) of Kubernetes Services; the
+    /// xlb.io/scheduler annotation overrides it per Service. Default: ipvs.scheduler of --config,
+    /// else maglev.
+    #[arg(long, value_parser = parse_scheduler_arg)]
+    scheduler: Option<Scheduler>,
+    /// Address of the /healthz listener. Default: metricsBindAddress of --config, else
+    /// 127.0.0.1:10249 in Kubernetes mode and none in standalone mode.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_bind_address: Option<SocketAddr>,
     /// Interfaces to attach the XDP program to, comma separated.
     #[arg(
         long,
@@ -85,12 +113,13 @@ struct RunArgs {
     /// Do not answer ICMP echo requests to VIPs.
     #[arg(long)]
     no_icmp_echo: bool,
-    /// Minimum time between syncs (events in between are coalesced).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
-    min_sync_period: Duration,
-    /// Time between full resyncs that repair drift.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-    sync_period: Duration,
+    /// Minimum time between syncs (events in between are coalesced). Default: ipvs.minSyncPeriod
+    /// of --config, else 1s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    min_sync_period: Option<Duration>,
+    /// Time between full resyncs that repair drift. Default: ipvs.syncPeriod of --config, else 30s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    sync_period: Option<Duration>,
     /// Time between conntrack housekeeping passes: expired flows and affinity pins are deleted,
     /// and the lc/wlc active-flow counts recounted.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
@@ -100,11 +129,78 @@ struct RunArgs {
     on_exit: OnExit,
 }
 
+fn parse_scheduler_arg(name: &str) -> Result<Scheduler, String> {
+    parse_scheduler(name).ok_or_else(|| format!("unknown scheduler {name:?}"))
+}
+
+/// Where the desired state comes from.
+enum Source {
+    File(PathBuf),
+    Kubernetes {
+        access: ClusterAccess,
+        settings: NodeSettings,
+    },
+}
+
+/// Default listener of /healthz in Kubernetes mode (kube-proxy's metricsBindAddress default).
+const DEFAULT_METRICS_BIND_ADDRESS: &str = "127.0.0.1:10249";
+
 fn seconds(d: Duration) -> u32 {
     d.as_secs().clamp(1, u32::MAX as u64) as u32
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Everything that can be wrong with the arguments fails before the dataplane is touched.
+    let proxy_config = match &args.config {
+        Some(path) => {
+            let c = kube_proxy_config::load(path)?;
+            report_proxy_config(path, &c);
+            c
+        }
+        None => KubeProxyConfig::default(),
+    };
+    let source = match (
+        &args.services,
+        kubernetes::access(args.kubeconfig.as_deref()),
+    ) {
+        (Some(path), _) => Source::File(path.clone()),
+        (None, Some(access)) => {
+            let node_name = args.node_name.clone().filter(|n| !n.is_empty()).context(
+                "Kubernetes mode needs this node's name: --node-name or the NODE_NAME environment variable",
+            )?;
+            Source::Kubernetes {
+                access,
+                settings: NodeSettings {
+                    node_name,
+                    node_port_addresses: proxy_config.node_port_addresses.clone(),
+                    default_scheduler: args
+                        .scheduler
+                        .or(proxy_config.scheduler)
+                        .unwrap_or(Scheduler::Maglev),
+                },
+            }
+        }
+        (None, None) => anyhow::bail!(
+            "no source: give --services FILE (standalone) or --kubeconfig FILE (Kubernetes; in a pod the service account is used)"
+        ),
+    };
+    let periods = SyncPeriods {
+        min_sync_period: args
+            .min_sync_period
+            .or(proxy_config.min_sync_period)
+            .unwrap_or(SyncPeriods::default().min_sync_period),
+        sync_period: args
+            .sync_period
+            .or(proxy_config.sync_period)
+            .unwrap_or(SyncPeriods::default().sync_period),
+        maintenance_period: args.maintenance_period,
+    };
+    let health_addr = args
+        .metrics_bind_address
+        .or(proxy_config.metrics_bind_address)
+        .or(matches!(source, Source::Kubernetes { .. })
+            .then(|| DEFAULT_METRICS_BIND_ADDRESS.parse().unwrap()));
+
     let config = Config {
         flags: if args.no_icmp_echo {
             0
@@ -128,13 +224,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     dataplane.attach(&args.iface, args.xdp_mode)?;
     info!(dataplane = "xdp", ifaces = ?args.iface, pin_dir = %args.pin_dir.display(), "Using xdp dataplane");
 
+    let health = Health::new(periods.sync_period);
+    if let Some(addr) = health_addr {
+        lb_agent::health::serve(addr, health.clone()).await?;
+    }
+
     let (tx, rx) = mpsc::channel(16);
-    let services = args.services.clone();
-    let watcher = tokio::spawn(async move {
-        if let Err(e) = file::watch(services, tx).await {
-            error!("services file watcher stopped: {e:#}");
+    let source_name = match &source {
+        Source::File(_) => "file",
+        Source::Kubernetes { .. } => "kubernetes",
+    };
+    let watcher = match source {
+        Source::File(services) => tokio::spawn(async move {
+            if let Err(e) = file::watch(services, tx).await {
+                error!("services file watcher stopped: {e:#}");
+            }
+        }),
+        Source::Kubernetes { access, settings } => {
+            let client = kubernetes::client(&access).await?;
+            tokio::spawn(async move {
+                if let Err(e) = kubernetes::watch(client, settings, tx).await {
+                    error!("Kubernetes watches stopped: {e:#}");
+                }
+            })
         }
-    });
+    };
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -144,12 +258,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => info!("SIGTERM: shutting down"),
         }
     };
-    let periods = SyncPeriods {
-        min_sync_period: args.min_sync_period,
-        sync_period: args.sync_period,
-        maintenance_period: args.maintenance_period,
-    };
-    Syncer::new(&mut dataplane, "file")
+    Syncer::new(&mut dataplane, source_name)
+        .with_health(health)
         .run(rx, periods, shutdown)
         .await;
     watcher.abort();
@@ -158,6 +268,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         OnExit::Keep => dataplane.keep_attached(),
     }
     Ok(())
+}
+
+/// One line with what the KubeProxyConfiguration set, one with what it has that xlb ignores.
+fn report_proxy_config(path: &std::path::Path, c: &KubeProxyConfig) {
+    info!(
+        path = %path.display(),
+        mode = %c.mode,
+        scheduler = ?c.scheduler.map(|s| s.ipvs_name()),
+        sync_period = ?c.sync_period,
+        min_sync_period = ?c.min_sync_period,
+        metrics_bind_address = ?c.metrics_bind_address,
+        node_port_addresses = ?c.node_port_addresses,
+        exclude_cidrs = ?c.exclude_cidrs,
+        cluster_cidrs = ?c.cluster_cidrs,
+        "kube-proxy configuration loaded (excludeCIDRs and clusterCIDR are checked but change nothing: xlb only touches its own maps and does not masquerade)"
+    );
+    if c.mode == "ipvs" {
+        info!("mode ipvs: xlb programs its own dataplane with the same semantics");
+    }
+    if !c.ignored.is_empty() {
+        warn!(fields = %c.ignored.join(","), "kube-proxy configuration fields ignored by xlb");
+    }
 }
 
 fn main() -> anyhow::Result<()> {

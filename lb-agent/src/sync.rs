@@ -3,9 +3,14 @@
 //! Events are coalesced: a sync runs at most once per `min_sync_period` (kube-proxy's
 //! minSyncPeriod), and every `sync_period` a full resync re-reads the dataplane and repairs any
 //! drift. Each sync caused by a source logs one line operators and tests rely on:
-//! `sync applied source=file services=12 backends=36 generation=7`.
+//! `sync applied source=file services=12 backends=36 generation=7`; in Kubernetes mode it ends
+//! with the highest resourceVersion applied, `... generation=7 rv=123456`.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{
     sync::mpsc,
@@ -15,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     dataplane::Dataplane,
+    health::Health,
     model::{Model, Rejection},
     plan,
     source::SourceEvent,
@@ -54,6 +60,12 @@ pub struct Syncer<'a> {
     dataplane: &'a mut dyn Dataplane,
     source: &'static str,
     generation: u64,
+    /// Highest Kubernetes resourceVersion the model reflects (Kubernetes mode only).
+    resource_version: Option<String>,
+    health: Option<Arc<Health>>,
+    /// Rejections already reported: a Kubernetes source re-sends the whole state on every change,
+    /// and each rejected object is logged and counted once, not once per change.
+    reported: BTreeSet<(String, &'static str)>,
 }
 
 impl<'a> Syncer<'a> {
@@ -62,14 +74,42 @@ impl<'a> Syncer<'a> {
             dataplane,
             source,
             generation: 0,
+            resource_version: None,
+            health: None,
+            reported: BTreeSet::new(),
         }
+    }
+
+    /// Reports every sync's outcome and every rejection to `health` (served on /healthz).
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// Logs what a source rejected (each object with its location and reason).
     pub fn report_rejections(&self, rejections: &[Rejection]) {
         for r in rejections {
             warn!(location = %r.location, reason = r.reason, "rejected: {}", r.detail);
+            if let Some(h) = &self.health {
+                h.record_rejection(r.reason);
+            }
         }
+    }
+
+    /// Like [`Self::report_rejections`], but only for rejections not reported before; those no
+    /// longer present are forgotten, so an object rejected again later is reported again.
+    pub fn report_new_rejections(&mut self, rejections: &[Rejection]) {
+        let current: BTreeSet<(String, &'static str)> = rejections
+            .iter()
+            .map(|r| (r.location.clone(), r.reason))
+            .collect();
+        let new: Vec<Rejection> = rejections
+            .iter()
+            .filter(|r| !self.reported.contains(&(r.location.clone(), r.reason)))
+            .cloned()
+            .collect();
+        self.report_rejections(&new);
+        self.reported = current;
     }
 
     /// One sync: diff the model against the dataplane and apply the difference.
@@ -98,19 +138,29 @@ impl<'a> Syncer<'a> {
         if announce || n_ops > 0 {
             self.generation += 1;
         }
+        if let Some(h) = &self.health {
+            h.record_sync(errors.is_empty());
+        }
         let services = model.services.len();
         let backends = model.backend_count();
+        let generation = self.generation;
         if !errors.is_empty() {
             warn!(
-                source = %self.source, services, backends, generation = self.generation,
+                source = %self.source, services, backends, generation,
                 ops = n_ops, failed = errors.len(),
                 "sync failed for some frontends"
             );
         } else if announce || n_ops > 0 {
-            info!(
-                source = %self.source, services, backends, generation = self.generation, ops = n_ops,
-                "sync applied"
-            );
+            match &self.resource_version {
+                Some(rv) => info!(
+                    source = %self.source, services, backends, generation, rv = %rv, ops = n_ops,
+                    "sync applied"
+                ),
+                None => info!(
+                    source = %self.source, services, backends, generation, ops = n_ops,
+                    "sync applied"
+                ),
+            }
         } else {
             debug!(source = %self.source, "resync: dataplane matches the model");
         }
@@ -154,6 +204,12 @@ impl<'a> Syncer<'a> {
                     Some(SourceEvent::File(parsed)) => {
                         self.report_rejections(&parsed.rejections);
                         model = Some(parsed.model);
+                        pending = true;
+                    }
+                    Some(SourceEvent::Kubernetes(snapshot)) => {
+                        self.report_new_rejections(&snapshot.rejections);
+                        self.resource_version = Some(snapshot.resource_version);
+                        model = Some(snapshot.model);
                         pending = true;
                     }
                 },

@@ -77,6 +77,12 @@ pub struct Agent {
 impl Agent {
     /// Starts `lb-agent <args>` inside `ns`.
     pub fn start(ns: &Netns, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_wrapped(ns, &[], args)
+    }
+
+    /// Starts `<wrapper...> lb-agent <args>` inside `ns`, e.g. under `setpriv` to drop
+    /// capabilities. The wrapper must exec the agent (so the child is the agent itself).
+    pub fn start_wrapped(ns: &Netns, wrapper: &[&str], args: &[&str]) -> anyhow::Result<Self> {
         let bin = agent_bin();
         if !bin.is_file() {
             bail!(
@@ -84,7 +90,14 @@ impl Agent {
                 bin.display()
             );
         }
-        let mut cmd = ns.command(bin.to_str().unwrap());
+        let mut cmd = match wrapper.split_first() {
+            None => ns.command(bin.to_str().unwrap()),
+            Some((program, rest)) => {
+                let mut cmd = ns.command(program);
+                cmd.args(rest).arg(&bin);
+                cmd
+            }
+        };
         // SAFETY: prctl is async-signal-safe. The agent gets SIGKILL if this process dies, so an
         // interrupted test or demo leaves no agent behind.
         unsafe {
@@ -158,6 +171,21 @@ impl Agent {
     /// Waits for the `sync applied` line of generation `n`.
     pub fn wait_for_sync(&mut self, generation: u64) -> anyhow::Result<String> {
         self.wait_for(&["sync applied", &format!("generation={generation} ")])
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the agent is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the `sync applied` line that reflects Kubernetes resourceVersion `rv`.
+    pub fn wait_for_rv(&mut self, rv: u64) -> anyhow::Result<String> {
+        self.wait_for(&["sync applied", "source=kubernetes", &format!(" rv={rv} ")])
     }
 
     /// Sends a signal.

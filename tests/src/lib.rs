@@ -1,9 +1,14 @@
 //! xlb's test harness, shared by the test suites under `tests/` and the demo binary:
-//! network namespaces ([`netns`]), the agent as a process ([`agent`]), packet tests through
-//! BPF_PROG_TEST_RUN ([`packet`]), and the end-to-end [`topology`] with real [`traffic`].
+//! network namespaces ([`netns`]), the agent as a process ([`agent`]), a fake Kubernetes API
+//! server ([`fake_apiserver`]) with [`k8s_objects`] to feed it, the agent's [`pinned`] maps as the
+//! program reads them, packet tests through BPF_PROG_TEST_RUN ([`packet`]), and the end-to-end
+//! [`topology`] with real [`traffic`].
 
 pub mod agent;
+pub mod fake_apiserver;
+pub mod k8s_objects;
 pub mod netns;
 pub mod packet;
+pub mod pinned;
 pub mod topology;
 pub mod traffic;
