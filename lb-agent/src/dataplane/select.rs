@@ -3,7 +3,7 @@
 //! The choice comes with the reason, which the agent logs (kube-proxy's "Using ipvs Proxier").
 
 use anyhow::anyhow;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{
     Dataplane,
@@ -84,6 +84,21 @@ fn open_xdp(req: &XdpRequest) -> anyhow::Result<XdpDataplane> {
     Ok(dataplane)
 }
 
+/// The first line of an error chain, cut before any verifier log, at most [`GIST_MAX`] chars.
+fn gist(error: &anyhow::Error) -> String {
+    let full = format!("{error:#}");
+    let line = full.lines().next().unwrap_or_default();
+    let line = line
+        .split_once(" Verifier output:")
+        .map_or(line, |(head, _)| head);
+    match line.char_indices().nth(GIST_MAX) {
+        Some((cut, _)) => format!("{}...", &line[..cut]),
+        None => line.to_owned(),
+    }
+}
+
+const GIST_MAX: usize = 200;
+
 /// Opens the dataplane `mode` asks for. `auto` fails only when neither works, with both reasons.
 pub fn choose(mode: DataplaneMode, xdp: &XdpRequest, ipvs: &IpvsOptions) -> anyhow::Result<Choice> {
     match mode {
@@ -106,14 +121,45 @@ pub fn choose(mode: DataplaneMode, xdp: &XdpRequest, ipvs: &IpvsOptions) -> anyh
                 Err(e) => e,
             };
             match IpvsDataplane::open(ipvs) {
-                Ok(dataplane) => Ok(Choice {
-                    dataplane: Chosen::Ipvs(dataplane),
-                    reason: format!("{xdp_error:#}"),
-                }),
+                Ok(dataplane) => {
+                    // The whole story (a verifier log can run to pages) once, the gist in the
+                    // choice line.
+                    warn!("XDP cannot run here, falling back to IPVS: {xdp_error:#}");
+                    Ok(Choice {
+                        dataplane: Chosen::Ipvs(dataplane),
+                        reason: gist(&xdp_error),
+                    })
+                }
                 Err(ipvs_error) => Err(anyhow!(
                     "no dataplane can run on this node. XDP: {xdp_error:#}. IPVS: {ipvs_error:#}"
                 )),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reason_is_the_gist_of_the_xdp_error() {
+        let verifier = anyhow!(
+            "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: \
+             0: R1=ctx(off=0,imm=0)\n1: (bf) r6 = r1\nmath between pkt pointer and register"
+        )
+        .context("the kernel rejected the XDP program");
+        assert_eq!(
+            gist(&verifier),
+            "the kernel rejected the XDP program: the BPF_PROG_LOAD syscall returned Invalid \
+             argument (os error 22)."
+        );
+        let attach = anyhow!("unknown network interface eth9").context("XDP attach on eth9 failed");
+        assert_eq!(
+            gist(&attach),
+            "XDP attach on eth9 failed: unknown network interface eth9"
+        );
+        let long = anyhow!("{}", "x".repeat(500));
+        assert_eq!(gist(&long).len(), GIST_MAX + 3);
     }
 }

@@ -24,7 +24,7 @@ pub mod vip_iface;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::{Context as _, bail};
@@ -171,9 +171,8 @@ fn wanted_dests(spec: &FrontendSpec) -> anyhow::Result<BTreeMap<(IpAddr, u16), R
         .map(|b| {
             if b.weight > MAX_WEIGHT {
                 bail!(
-                    "backend {}:{} has weight {}, more than IPVS takes ({MAX_WEIGHT})",
-                    b.addr,
-                    b.port,
+                    "backend {} has weight {}, more than IPVS takes ({MAX_WEIGHT})",
+                    SocketAddr::new(b.addr, b.port),
                     b.weight
                 );
             }
@@ -373,17 +372,22 @@ impl IpvsDataplane {
                 None => {
                     self.ipvs
                         .write(IpvsMessage::new_dest(&key, want))
-                        .with_context(|| format!("add real server {}:{}", want.addr, want.port))?;
-                    debug!(frontend = %key, real_server = %format_args!("{}:{}", want.addr, want.port),
+                        .with_context(|| {
+                            format!("add real server {}", SocketAddr::new(want.addr, want.port))
+                        })?;
+                    debug!(frontend = %key, real_server = %SocketAddr::new(want.addr, want.port),
                         weight = want.weight, "ipvs write: new dest");
                 }
                 Some(have) if have != want => {
                     self.ipvs
                         .write(IpvsMessage::set_dest(&key, want))
                         .with_context(|| {
-                            format!("update real server {}:{}", want.addr, want.port)
+                            format!(
+                                "update real server {}",
+                                SocketAddr::new(want.addr, want.port)
+                            )
                         })?;
-                    debug!(frontend = %key, real_server = %format_args!("{}:{}", want.addr, want.port),
+                    debug!(frontend = %key, real_server = %SocketAddr::new(want.addr, want.port),
                         weight = want.weight, "ipvs write: set dest");
                 }
                 Some(_) => continue,
@@ -400,9 +404,14 @@ impl IpvsDataplane {
             match self.ipvs.write(IpvsMessage::del_dest(&key, addr, port)) {
                 Ok(()) => {}
                 Err(e) if errno_of(&e) == Some(libc::ENOENT) => {}
-                Err(e) => return Err(e.context(format!("delete real server {addr}:{port}"))),
+                Err(e) => {
+                    return Err(e.context(format!(
+                        "delete real server {}",
+                        SocketAddr::new(addr, port)
+                    )));
+                }
             }
-            debug!(frontend = %key, real_server = %format_args!("{addr}:{port}"), "ipvs write: del dest");
+            debug!(frontend = %key, real_server = %SocketAddr::new(addr, port), "ipvs write: del dest");
             owned.dests.remove(&(addr, port));
         }
         self.current.insert(key, spec);
