@@ -10,6 +10,8 @@
 //! 3. a restarted agent adopts the state: no write, `ops=0`, byte-identical `ipvsadm -Ln`;
 //! 4. `--dataplane auto` with XDP made unusable (it must attach to `eth9`, an interface the VM
 //!    does not have; see the test for the kernel's own objection) picks IPVS and logs why;
+//! 5. drift made by hand (a real server deleted, a scheduler changed, a VIP unbound) is repaired
+//!    by the periodic resync with exactly the writes it needs;
 //!
 //! and the hand-made service survives all of it.
 
@@ -177,6 +179,13 @@ const EXPECTED_WRITES_1_TO_2: &[&str] = &[
     "ipvs write: unbound VIP vip=10.96.0.70 iface=kube-ipvs0",
 ];
 
+/// The writes that repair the drift made by hand in step 5.
+const EXPECTED_REPAIR_WRITES: &[&str] = &[
+    "ipvs write: new dest frontend=10.96.0.10:80/TCP real_server=10.10.2.11:8080 weight=1",
+    "ipvs write: set service frontend=10.96.0.11:443/TCP scheduler=wrr persistence_s=300",
+    "ipvs write: bound VIP vip=10.96.0.60 iface=kube-ipvs0",
+];
+
 /// Modules to load, dependencies resolved from the kernel package. crc32c_generic is a soft
 /// dependency of libcrc32c (it asks the crypto API for "crc32c"), so it is named first.
 const MODULES: &[&str] = &[
@@ -253,9 +262,25 @@ section restarted-vips ip addr show kube-ipvs0
 stop_agent
 section agent-2-log cat /agent-2.log
 
-start_agent /agent-3.log --dataplane auto --iface eth9
+start_agent /agent-3.log --dataplane auto --iface eth9 --sync-period 1s
 wait_for /agent-3.log "sync applied.*generation=1 "
 section auto-ipvsadm ipvsadm -Ln
+
+# Drift behind the agent's back, which the periodic resync (re-read from the kernel) repairs: a
+# real server deleted, a scheduler changed, a VIP unbound (its service, no longer marked as
+# xlb's, is taken back when the VIP is bound again).
+ipvsadm -Ln | sort > /want-ipvsadm
+ip addr show kube-ipvs0 | grep inet | sort > /want-vips
+ipvsadm -d -t 10.96.0.10:80 -r 10.10.2.11:8080 || fail "ipvsadm -d"
+ipvsadm -E -t 10.96.0.11:443 -s rr -p 300 || fail "ipvsadm -E"
+ip addr del 10.96.0.60/32 dev kube-ipvs0 || fail "ip addr del"
+i=0
+until ipvsadm -Ln | sort | cmp -s - /want-ipvsadm && ip addr show kube-ipvs0 | grep inet | sort | cmp -s - /want-vips; do
+    i=$((i+1)); [ "$i" -gt 600 ] && { section not-repaired ipvsadm -Ln; fail "drift not repaired within 60 s"; }
+    usleep 100000
+done
+section repaired-ipvsadm ipvsadm -Ln
+section repaired-vips ip addr show kube-ipvs0
 stop_agent
 section agent-3-log cat /agent-3.log
 
@@ -542,8 +567,36 @@ fn ipvs_dataplane_in_a_vm() {
         line_with(log3, "sync applied").contains("generation=1 ops=0"),
         "{log3}"
     );
-    assert!(!log3.contains("ipvs write:"), "{log3}");
+    assert!(
+        !log3
+            .lines()
+            .take_while(|l| !l.contains("generation=1 "))
+            .any(|l| l.contains("ipvs write:")),
+        "{log3}"
+    );
     assert_eq!(body("auto-ipvsadm"), body("changed-ipvsadm"));
+
+    // 5. Drift repaired (possibly over several resyncs, as the hand edits land), and the
+    // hand-made service still untouched by every one of them.
+    assert_eq!(
+        ipvs_table(body("repaired-ipvsadm")),
+        expected_table(EXPECTED_2),
+        "{log3}"
+    );
+    assert_eq!(
+        addresses(body("repaired-vips")),
+        addresses(body("changed-vips"))
+    );
+    let mut repair: Vec<String> = EXPECTED_REPAIR_WRITES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    repair.sort();
+    assert_eq!(writes_between(log3, 1, u64::MAX), repair, "{log3}");
+    line_with(
+        log3,
+        "took over an existing IPVS service on a VIP xlb now holds frontend=10.96.0.60:3868/SCTP",
+    );
 
     std::fs::remove_dir_all(&work).ok();
 }
