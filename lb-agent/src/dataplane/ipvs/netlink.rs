@@ -5,7 +5,7 @@
 //! each kernel answer before the next write (a dest can only be added once its service exists),
 //! so an async socket would buy nothing but a runtime dependency inside `Dataplane::apply`.
 
-use std::{fmt::Debug, io};
+use std::{fmt::Debug, io, os::fd::AsRawFd as _, time::Duration};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ALIGNTO, NetlinkDeserializable, NetlinkHeader,
@@ -14,6 +14,10 @@ use netlink_packet_core::{
 use netlink_sys::{Socket, SocketAddr};
 
 pub use netlink_sys::protocols::{NETLINK_GENERIC, NETLINK_ROUTE};
+
+/// How long a request waits for each part of the kernel's answer.
+const REPLY_TIMEOUT_S: u8 = 30;
+const REPLY_TIMEOUT: Duration = Duration::from_secs(REPLY_TIMEOUT_S as u64);
 
 /// What a request expects back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +95,24 @@ impl NetlinkConn {
         // Extended ACKs carry the kernel's text for EINVAL and friends; we only read the errno,
         // but asking costs nothing and helps strace readers.
         let _ = socket.set_ext_ack(true);
+        // The kernel always answers; should it not, the sync fails instead of hanging forever.
+        let timeout = libc::timeval {
+            tv_sec: REPLY_TIMEOUT_S.into(),
+            tv_usec: 0,
+        };
+        // SAFETY: a valid socket and a timeval of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Self {
             socket,
             sequence: 0,
@@ -110,7 +132,16 @@ impl NetlinkConn {
         self.socket.send(&bytes, 0)?;
         let mut replies = Vec::new();
         loop {
-            let (datagram, _) = self.socket.recv_from_full()?;
+            let (datagram, _) = self.socket.recv_from_full().map_err(|e| {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    anyhow::anyhow!(
+                        "the kernel did not answer a {} request within {REPLY_TIMEOUT:?}",
+                        self.protocol
+                    )
+                } else {
+                    e.into()
+                }
+            })?;
             let mut offset = 0;
             while offset < datagram.len() {
                 let message =
