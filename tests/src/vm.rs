@@ -458,6 +458,7 @@ pub fn boot(
         if started.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
+            let _ = fs::remove_file(&initrd);
             bail!(
                 "the VM did not power off within {timeout:?}; console:\n{}",
                 fs::read_to_string(&console).unwrap_or_default()
@@ -466,6 +467,8 @@ pub fn boot(
         std::thread::sleep(Duration::from_millis(100));
     };
     let elapsed = started.elapsed();
+    // The logs stay for a failed test to be read; the (large) initramfs is rebuilt every run.
+    let _ = fs::remove_file(&initrd);
     let mut stderr = String::new();
     child.stderr.take().unwrap().read_to_string(&mut stderr)?;
     let console = fs::read_to_string(&console).unwrap_or_default();
