@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
-    dataplane::xdp::{AttachMode, LoadOptions, XdpDataplane},
+    dataplane::{
+        ipvs::{DEFAULT_VIP_IFACE, IpvsOptions},
+        select::{self, Chosen, DataplaneMode, XdpRequest},
+        xdp::{AttachMode, LoadOptions},
+    },
     health::Health,
     kube_proxy_config::{self, KubeProxyConfig},
     model::{Scheduler, parse_scheduler},
@@ -75,14 +79,17 @@ struct RunArgs {
     /// 127.0.0.1:10249 in Kubernetes mode and none in standalone mode.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_bind_address: Option<SocketAddr>,
-    /// Interfaces to attach the XDP program to, comma separated.
-    #[arg(
-        long,
-        value_name = "IF[,IF...]",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// Which dataplane programs the services: `auto` uses XDP where the program loads and
+    /// attaches on every --iface, and kernel IPVS otherwise.
+    #[arg(long, value_enum, default_value_t = DataplaneMode::Auto)]
+    dataplane: DataplaneMode,
+    /// Interfaces to attach the XDP program to, comma separated (required for XDP; IPVS does not
+    /// use them).
+    #[arg(long, value_name = "IF[,IF...]", value_delimiter = ',')]
     iface: Vec<String>,
+    /// IPVS: dummy interface holding the VIPs. A service is xlb's exactly when its VIP is on it.
+    #[arg(long, value_name = "IF", default_value = DEFAULT_VIP_IFACE)]
+    ipvs_vip_iface: String,
     /// bpffs directory for pinned maps and links.
     #[arg(long, default_value = maps::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -124,7 +131,8 @@ struct RunArgs {
     /// and the lc/wlc active-flow counts recounted.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     maintenance_period: Duration,
-    /// What to do with the attached program on SIGINT/SIGTERM.
+    /// What to do with the attached XDP program on SIGINT/SIGTERM. IPVS services always stay
+    /// (the kernel keeps forwarding; the next agent adopts them).
     #[arg(long, value_enum, default_value_t = OnExit::Detach)]
     on_exit: OnExit,
 }
@@ -220,9 +228,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         conntrack_max: args.conntrack_max,
         config,
     };
-    let mut dataplane = XdpDataplane::load(&opts)?;
-    dataplane.attach(&args.iface, args.xdp_mode)?;
-    info!(dataplane = "xdp", ifaces = ?args.iface, pin_dir = %args.pin_dir.display(), "Using xdp dataplane");
+    if args.dataplane == DataplaneMode::Xdp && args.iface.is_empty() {
+        anyhow::bail!("--dataplane xdp needs --iface: the interfaces to attach the program to");
+    }
+    let xdp = XdpRequest {
+        load: opts,
+        ifaces: args.iface.clone(),
+        mode: args.xdp_mode,
+    };
+    let ipvs = IpvsOptions {
+        vip_iface: args.ipvs_vip_iface.clone(),
+    };
+    let mut chosen = select::choose(args.dataplane, &xdp, &ipvs)?.log();
 
     let health = Health::new(periods.sync_period);
     if let Some(addr) = health_addr {
@@ -258,14 +275,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => info!("SIGTERM: shutting down"),
         }
     };
-    Syncer::new(&mut dataplane, source_name)
+    Syncer::new(chosen.as_dyn(), source_name)
         .with_health(health)
         .run(rx, periods, shutdown)
         .await;
     watcher.abort();
-    match args.on_exit {
-        OnExit::Detach => dataplane.detach(),
-        OnExit::Keep => dataplane.keep_attached(),
+    match (&mut chosen, args.on_exit) {
+        (Chosen::Xdp(dataplane), OnExit::Detach) => dataplane.detach(),
+        (Chosen::Xdp(dataplane), OnExit::Keep) => dataplane.keep_attached(),
+        (Chosen::Ipvs(dataplane), _) => info!(
+            iface = dataplane.vip_iface(),
+            "IPVS services stay in the kernel and keep forwarding; the next agent adopts them"
+        ),
     }
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! xlb's test harness, shared by the test suites under `tests/` and the demo binary:
 //! network namespaces ([`netns`]), the agent as a process ([`agent`]), a fake Kubernetes API
 //! server ([`fake_apiserver`]) with [`k8s_objects`] to feed it, the agent's [`pinned`] maps as the
-//! program reads them, packet tests through BPF_PROG_TEST_RUN ([`packet`]), and the end-to-end
-//! [`topology`] with real [`traffic`].
+//! program reads them, packet tests through BPF_PROG_TEST_RUN ([`packet`]), the end-to-end
+//! [`topology`] with real [`traffic`], and a qemu VM with a Debian kernel for what the host kernel
+//! lacks ([`vm`], with its initramfs written by [`cpio`]).
 
 pub mod agent;
+pub mod cpio;
 pub mod fake_apiserver;
 pub mod k8s_objects;
 pub mod netns;
@@ -12,3 +14,4 @@ pub mod packet;
 pub mod pinned;
 pub mod topology;
 pub mod traffic;
+pub mod vm;

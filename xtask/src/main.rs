@@ -34,8 +34,8 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Everything CI checks: fmt, clippy, unit tests, packet tests and the privileged
-    /// end-to-end tests (needs root).
+    /// Everything CI checks: fmt, clippy, unit tests, packet tests, the privileged
+    /// end-to-end tests and the IPVS test in a qemu VM (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -156,9 +156,22 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The IPVS test boots a VM around a statically linked agent.
+    run(&mut cargo(&[
+        "build",
+        "--package",
+        "lb-agent",
+        "--target",
+        setup::STATIC_TARGET,
+    ]))?;
     let agent = workspace_root().join("target/debug/lb-agent");
+    let static_agent = workspace_root()
+        .join("target")
+        .join(setup::STATIC_TARGET)
+        .join("debug/lb-agent");
     let mut cmd = cargo(&["test", "--workspace", "--no-fail-fast"]);
     cmd.env("XLB_AGENT_BIN", &agent)
+        .env("XLB_AGENT_STATIC_BIN", &static_agent)
         .env("XLB_EBPF_OBJECT_PATH", ebpf_object(false));
     if !extra.is_empty() {
         cmd.arg("--").args(extra);

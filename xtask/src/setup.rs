@@ -12,9 +12,20 @@ use crate::run;
 
 /// Debian packages the build, the tests and the demo use.
 /// bpftool: map dumps; iproute2: namespaces, veth, addresses; iputils-ping: ping through VIPs;
-/// ethtool: veth GRO for XDP_REDIRECT into veth peers; iptables: the bench baseline.
-pub const DEBIAN_PACKAGES: &[&str] =
-    &["bpftool", "iproute2", "iputils-ping", "ethtool", "iptables"];
+/// ethtool: veth GRO for XDP_REDIRECT into veth peers; iptables: the bench baseline;
+/// qemu-system-x86: the VM of the IPVS test (the host kernel has no IPVS; the VM's kernel,
+/// busybox and ipvsadm are fetched by the test itself with `apt-get download`).
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "iputils-ping",
+    "ethtool",
+    "iptables",
+    "qemu-system-x86",
+];
+
+/// Target of the statically linked agent that runs inside the IPVS test's VM.
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// bpf-linker release known to build against nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -40,6 +51,7 @@ fn succeeds(cmd: &mut Command) -> bool {
 
 pub fn setup() -> anyhow::Result<()> {
     rust_src()?;
+    static_target()?;
     bpf_linker()?;
     debian_packages()?;
     bpffs()?;
@@ -64,6 +76,16 @@ fn rust_src() -> anyhow::Result<()> {
             "--toolchain",
             "nightly",
         ]))?;
+    }
+    Ok(())
+}
+
+/// The musl target of the stable toolchain, for the static agent the IPVS VM test boots.
+fn static_target() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !installed.lines().any(|l| l.trim() == STATIC_TARGET) {
+        println!("setup: adding the {STATIC_TARGET} target (static agent for the IPVS VM test)");
+        run(Command::new("rustup").args(["target", "add", STATIC_TARGET]))?;
     }
     Ok(())
 }

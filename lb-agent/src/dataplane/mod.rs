@@ -1,6 +1,8 @@
 //! Dataplanes program frontends into the kernel. The sync loop drives one through this trait and
 //! never knows which it is.
 
+pub mod ipvs;
+pub mod select;
 pub mod xdp;
 
 use std::collections::BTreeMap;

@@ -12,7 +12,13 @@
 //!     sessionAffinity: {clientIP: {timeoutSeconds: 10800}}   # optional
 //!     backends:
 //!       - {ip: 10.10.2.11, port: 8080, weight: 1}
+//!       - {ip: 10.10.2.12, port: 8080, terminating: true}  # optional, default false
 //! ```
+//!
+//! `terminating: true` marks an endpoint that is shutting down (an EndpointSlice endpoint with
+//! ready=false, serving=true, terminating=true): it gets no new flows while ready backends exist,
+//! its open flows may finish (IPVS keeps it at weight 0), and it still takes traffic when no
+//! backend is ready.
 //!
 //! [`parse`] is pure: every entry is checked on its own, an invalid one becomes a [`Rejection`]
 //! with its location and reason, and the valid ones still load. [`watch`] re-reads the file when
@@ -93,6 +99,8 @@ struct BackendEntry {
     port: i64,
     #[serde(default)]
     weight: Option<serde_norway::Value>,
+    #[serde(default)]
+    terminating: Option<serde_norway::Value>,
 }
 
 /// The outcome of reading a services file: what loads, and what was rejected.
@@ -244,7 +252,29 @@ fn translate(value: serde_norway::Value) -> Result<Service, Invalid> {
                 }
             },
         };
-        backends.push(Backend::ready(addr, port, weight));
+        let terminating = match b.terminating {
+            None => false,
+            Some(serde_norway::Value::Bool(t)) => t,
+            Some(v) => {
+                return Err((
+                    "bad_terminating",
+                    format!(
+                        "backends[{i}].terminating {} is not true or false",
+                        yaml_text(&v)
+                    ),
+                ));
+            }
+        };
+        backends.push(if terminating {
+            Backend {
+                ready: false,
+                serving: true,
+                terminating: true,
+                ..Backend::ready(addr, port, weight)
+            }
+        } else {
+            Backend::ready(addr, port, weight)
+        });
     }
     backends.sort();
     if let Some(w) = backends
@@ -395,6 +425,36 @@ services:
     }
 
     #[test]
+    fn terminating_backends_are_serving_but_not_ready() {
+        let parsed = parse(
+            "services:
+  - name: web
+    vip: 10.96.0.10
+    port: 80
+    backends:
+      - {ip: 10.10.2.11, port: 8080, weight: 2}
+      - {ip: 10.10.2.12, port: 8080, weight: 3, terminating: true}
+      - {ip: 10.10.2.13, port: 8080, terminating: false}
+",
+        )
+        .unwrap();
+        assert!(parsed.rejections.is_empty(), "{:?}", parsed.rejections);
+        let backends = &parsed.model.services["web"].backends;
+        let flags: Vec<(bool, bool, bool, u32)> = backends
+            .iter()
+            .map(|b| (b.ready, b.serving, b.terminating, b.weight))
+            .collect();
+        assert_eq!(
+            flags,
+            vec![
+                (true, true, false, 2),
+                (false, true, true, 3),
+                (true, true, false, 1)
+            ]
+        );
+    }
+
+    #[test]
     fn affinity_without_timeout_uses_the_kubernetes_default() {
         let parsed = parse(
             "services:\n- {name: a, vip: 10.0.0.1, port: 1, sessionAffinity: {clientIP: {}}}\n",
@@ -467,6 +527,11 @@ services:
                 "vip: 10.96.0.10, port: 80",
                 "duplicate_frontend",
                 "10.96.0.10:80/TCP",
+            ),
+            (
+                "vip: 10.96.1.1, port: 80, backends: [{ip: 10.1.1.1, port: 80, terminating: yes}]",
+                "bad_terminating",
+                "backends[0].terminating yes is not true or false",
             ),
             (
                 "vip: 10.96.1.1, port: 80, sessionAffinity: {clientIP: {timeoutSeconds: 0}}",
