@@ -161,3 +161,20 @@ pub fn isolate_thread() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Pins the calling thread to one CPU. Packets a thread sends through a veth are processed on
+/// its CPU, so pinning fixes which per-CPU state (round-robin cursors) they meet.
+pub fn pin_thread_to_cpu(cpu: usize) {
+    // SAFETY: an all-zero cpu_set_t is empty; the calls only touch it and this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

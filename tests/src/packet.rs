@@ -75,17 +75,7 @@ impl Harness {
     /// Pins the calling thread to one CPU, so per-CPU scheduler state (round-robin cursors) is
     /// the same for every run.
     pub fn pin_to_cpu(&self, cpu: usize) {
-        // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity only touch it and
-        // the calling thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            assert_eq!(
-                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-                0,
-                "sched_setaffinity"
-            );
-        }
+        crate::netns::pin_thread_to_cpu(cpu);
     }
 
     /// Runs one frame through the program, as if received on loopback.

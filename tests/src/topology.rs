@@ -10,8 +10,10 @@
 //!
 //! The client and the backends route everything through the LB node, so replies come back
 //! through it and get reverse-NATed. Two veth specifics, set up here:
-//! * XDP_REDIRECT into a veth needs the receiving peer to run NAPI: GRO is switched on for the
-//!   LB's peers (c0, sl).
+//! * XDP_REDIRECT and XDP_TX into a veth need the receiving peer to run NAPI. GRO alone turns it
+//!   on for redirected frames but (seen on 6.18) XDP_TX frames from the LB side still vanish, so
+//!   the LB's peers (c0, sl) get an XDP program of their own: xlb's program with empty maps,
+//!   which passes everything.
 //! * A local stack sending over veth leaves TCP/UDP checksums to "offload" (only the pseudo-header
 //!   sum is in the packet); a frame that XDP rewrites and redirects would arrive with a bad
 //!   checksum. The senders (client, backends) compute checksums in software, as frames from a real
@@ -20,6 +22,8 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
+
+use lb_agent::dataplane::xdp::{AttachMode, LoadOptions, XdpDataplane};
 
 use crate::{netns::Netns, traffic};
 
@@ -44,13 +48,40 @@ pub struct Topology {
     pub lb: Netns,
     pub switch: Netns,
     pub backends: Vec<Netns>,
+    /// Pass-through XDP programs on the LB's peers (see the module docs); detached on drop.
+    peer_programs: Vec<XdpDataplane>,
+}
+
+/// Attaches xlb's program, with private empty maps, to `iface` in `ns`: with no service it
+/// passes every frame, and its presence makes the veth run NAPI for frames the LB sends it.
+fn attach_pass_program(ns: &Netns, iface: &str) -> anyhow::Result<XdpDataplane> {
+    let iface = iface.to_owned();
+    ns.run(move || {
+        let mut program = XdpDataplane::load(&LoadOptions {
+            pin_dir: None,
+            ..LoadOptions::default()
+        })?;
+        program.attach(&[iface], AttachMode::Driver)?;
+        Ok(program)
+    })?
 }
 
 impl Topology {
     /// Builds the namespaces and links, and starts a TCP and a UDP server in every backend
     /// (named `b1`, `b2`, ...; see [`traffic`]).
     pub fn new(backends: usize) -> anyhow::Result<Self> {
-        let t = Self {
+        Self::build(backends, None)
+    }
+
+    /// As [`Topology::new`], with every backend server thread on CPU `cpu`: with the client
+    /// pinned there too, every packet of a test meets the same per-CPU scheduler state.
+    pub fn with_servers_on_cpu(backends: usize, cpu: usize) -> anyhow::Result<Self> {
+        Self::build(backends, Some(cpu))
+    }
+
+    fn build(backends: usize, servers_cpu: Option<usize>) -> anyhow::Result<Self> {
+        let mut t = Self {
+            peer_programs: Vec::new(),
             client: Netns::new("client")?,
             lb: Netns::new("lb")?,
             switch: Netns::new("switch")?,
@@ -66,12 +97,13 @@ impl Topology {
                 backend_addr(i),
                 TCP_PORT,
                 UDP_PORT,
+                servers_cpu,
             )?;
         }
         Ok(t)
     }
 
-    fn wire(&self) -> anyhow::Result<()> {
+    fn wire(&mut self) -> anyhow::Result<()> {
         let (client, lb, switch) = (&self.client, &self.lb, &self.switch);
         client.ip(&[
             "link", "add", "c0", "type", "veth", "peer", "name", "lbc", "netns", &lb.name,
@@ -101,8 +133,9 @@ impl Topology {
         lb.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         lb.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
         // XDP_REDIRECT/XDP_TX into a veth needs NAPI on the receiving peer.
-        client.exec(&["ethtool", "-K", "c0", "gro", "on", "tx", "off"])?;
-        switch.exec(&["ethtool", "-K", "sl", "gro", "on"])?;
+        client.exec(&["ethtool", "-K", "c0", "tx", "off"])?;
+        self.peer_programs.push(attach_pass_program(client, "c0")?);
+        self.peer_programs.push(attach_pass_program(switch, "sl")?);
 
         for (i, ns) in self.backends.iter().enumerate() {
             let port = format!("sb{}", i + 1);

@@ -35,25 +35,36 @@ fn parse_reply(line: &str) -> io::Result<Reply> {
 }
 
 /// Starts a TCP and a UDP server named `name` on `addr` inside `ns`. They run until the process
-/// exits.
+/// exits, their threads pinned to `cpu` if given.
 pub fn serve(
     ns: &Netns,
     name: &str,
     addr: Ipv4Addr,
     tcp_port: u16,
     udp_port: u16,
+    cpu: Option<usize>,
 ) -> anyhow::Result<()> {
+    let pin = move || {
+        if let Some(cpu) = cpu {
+            crate::netns::pin_thread_to_cpu(cpu);
+        }
+    };
     let (tcp_name, udp_name) = (name.to_owned(), name.to_owned());
     // Bind inside the namespace and report errors before returning.
     let tcp = ns.run(move || TcpListener::bind((addr, tcp_port)))??;
     let udp = ns.run(move || UdpSocket::bind((addr, udp_port)))??;
     std::thread::spawn(move || {
+        pin();
         for stream in tcp.incoming().flatten() {
             let name = tcp_name.clone();
-            std::thread::spawn(move || answer_tcp(&name, stream));
+            std::thread::spawn(move || {
+                pin();
+                answer_tcp(&name, stream)
+            });
         }
     });
     std::thread::spawn(move || {
+        pin();
         let mut buf = [0u8; 2048];
         while let Ok((_, peer)) = udp.recv_from(&mut buf) {
             let _ = udp.send_to(format!("{udp_name} {peer}\n").as_bytes(), peer);
@@ -87,6 +98,19 @@ impl TcpClient {
     /// Connects (from the calling thread's namespace).
     pub fn connect(addr: SocketAddrV4) -> io::Result<Self> {
         let stream = TcpStream::connect_timeout(&addr.into(), ANSWER_TIMEOUT)?;
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Connects from a given local address (one of several on the interface).
+    pub fn connect_from(local: Ipv4Addr, addr: SocketAddrV4) -> io::Result<Self> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddrV4::new(local, 0).into())?;
+        socket.connect_timeout(&addr.into(), ANSWER_TIMEOUT)?;
+        let stream: TcpStream = socket.into();
         stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
         stream.set_nodelay(true)?;
         Ok(Self {

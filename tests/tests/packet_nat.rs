@@ -391,7 +391,12 @@ fn removing_a_backend_deletes_its_flows_and_moves_them_to_live_backends() {
     }
     let gone = BACKENDS[1];
     assert!(first_backend.contains(&gone));
-    let gone_id = h.dataplane.maps.backend_id(gone.into(), 5353).unwrap();
+    let udp = frontend(53, lb_agent::model::Protocol::Udp);
+    let gone_id = h
+        .dataplane
+        .maps
+        .backend_id(&udp, gone.into(), 5353)
+        .unwrap();
     let old_table = h
         .dataplane
         .maps
@@ -418,8 +423,20 @@ fn removing_a_backend_deletes_its_flows_and_moves_them_to_live_backends() {
             .all(|(_, v)| !(v.backend_id == gone_id && v.service_id == value.id)),
         "no conntrack entry of the removed backend survives"
     );
-    // The TCP service still uses 10.10.2.12 and keeps its id.
-    assert!(h.dataplane.maps.backend_id(gone.into(), 8080).is_some());
+    // The TCP service still uses 10.10.2.12.
+    let tcp = frontend(80, lb_agent::model::Protocol::Tcp);
+    assert!(
+        h.dataplane
+            .maps
+            .backend_id(&tcp, gone.into(), 8080)
+            .is_some()
+    );
+    assert!(
+        h.dataplane
+            .maps
+            .backend_id(&udp, gone.into(), 5353)
+            .is_none()
+    );
 
     for (i, &c) in clients.iter().enumerate() {
         let now = decode_checked(&h.run(&udp_frame(c, (VIP, 53), b"q")).frame)

@@ -3,12 +3,21 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use lb_agent::{dataplane::xdp::LoadOptions, model::Backend};
+use lb_agent::{
+    dataplane::xdp::LoadOptions,
+    model::{Backend, Protocol},
+    plan::FrontendKey,
+};
 use lb_common::{FLOW_F_COUNTED, FLOW_F_REPLY, proto};
 use xlb_tests::packet::{Harness, decode_checked, flow_key, syn, tcp_frame};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const WEB: FrontendKey = FrontendKey {
+    addr: std::net::IpAddr::V4(VIP),
+    port: 80,
+    protocol: Protocol::Tcp,
+};
 const B: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 10, 2, 11),
     Ipv4Addr::new(10, 10, 2, 12),
@@ -97,7 +106,7 @@ fn conns(h: &Harness) -> [i64; 3] {
     B.map(|b| {
         h.dataplane
             .maps
-            .backend_conns(h.dataplane.maps.backend_id(b.into(), 8080).unwrap())
+            .backend_conns(h.dataplane.maps.backend_id(&WEB, b.into(), 8080).unwrap())
             .unwrap()
     })
 }
@@ -190,7 +199,9 @@ fn lc_counts_stay_honest_under_lru_eviction() {
         if v.flags & FLOW_F_REPLY == 0 && v.flags & FLOW_F_COUNTED != 0 {
             let b = B
                 .iter()
-                .position(|b| h.dataplane.maps.backend_id((*b).into(), 8080) == Some(v.backend_id))
+                .position(|b| {
+                    h.dataplane.maps.backend_id(&WEB, (*b).into(), 8080) == Some(v.backend_id)
+                })
                 .unwrap();
             live[b] += 1;
         }

@@ -22,6 +22,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
     "iptables",
     "qemu-system-x86",
+    // The static (musl) agent for the VM: ring, under kube's rustls, compiles C with
+    // x86_64-linux-musl-gcc.
+    "musl-tools",
 ];
 
 /// Target of the statically linked agent that runs inside the IPVS test's VM.

@@ -161,7 +161,9 @@ pub struct XdpMaps {
     timeouts: Config,
     installed: BTreeMap<FrontendKey, Installed>,
     current: BTreeMap<FrontendKey, FrontendSpec>,
-    backend_slots: StdHashMap<(IpAddr, u16), BackendSlot>,
+    /// Backend ids per frontend: a backend shared by two frontends gets an id (and weight, and
+    /// least-connection count) in each, as an IPVS real server belongs to one virtual service.
+    backend_slots: StdHashMap<(FrontendKey, IpAddr, u16), BackendSlot>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
     table_ids: IdAllocator,
@@ -591,7 +593,7 @@ impl XdpMaps {
                 let port = u16::from_be(b.port);
                 let slot = self
                     .backend_slots
-                    .entry((addr, port))
+                    .entry((key, addr, port))
                     .or_insert(BackendSlot {
                         id,
                         refs: 0,
@@ -660,9 +662,9 @@ impl XdpMaps {
         errors
     }
 
-    /// Gets (or creates) the backend id of `b`, holding one reference.
-    fn acquire_backend(&mut self, b: &BackendSpec) -> anyhow::Result<u32> {
-        if let Some(slot) = self.backend_slots.get_mut(&(b.addr, b.port)) {
+    /// Gets (or creates) the backend id of `b` in frontend `key`, holding one reference.
+    fn acquire_backend(&mut self, key: FrontendKey, b: &BackendSpec) -> anyhow::Result<u32> {
+        if let Some(slot) = self.backend_slots.get_mut(&(key, b.addr, b.port)) {
             if slot.weight != b.weight && b.weight != 0 {
                 let mut value = self.backends.get(&slot.id, 0)?;
                 value.weight = b.weight;
@@ -691,7 +693,7 @@ impl XdpMaps {
             return Err(e).context("write backend");
         }
         self.backend_slots.insert(
-            (b.addr, b.port),
+            (key, b.addr, b.port),
             BackendSlot {
                 id,
                 refs: 1,
@@ -702,14 +704,14 @@ impl XdpMaps {
     }
 
     /// Drops one reference; the last one clears the backend's slot.
-    fn release_backend(&mut self, addr: IpAddr, port: u16) -> anyhow::Result<()> {
-        let Some(slot) = self.backend_slots.get_mut(&(addr, port)) else {
+    fn release_backend(&mut self, key: FrontendKey, addr: IpAddr, port: u16) -> anyhow::Result<()> {
+        let Some(slot) = self.backend_slots.get_mut(&(key, addr, port)) else {
             return Ok(());
         };
         slot.refs -= 1;
         if slot.refs == 0 {
             let id = slot.id;
-            self.backend_slots.remove(&(addr, port));
+            self.backend_slots.remove(&(key, addr, port));
             self.backends.set(id, BackendValue::default(), 0)?;
             self.backend_ids.release(id);
         }
@@ -741,7 +743,7 @@ impl XdpMaps {
         let mut acquired: Vec<(IpAddr, u16)> = Vec::new();
         let mut active_ids = Vec::with_capacity(spec.backends.len());
         for (i, b) in spec.backends.iter().chain(&spec.draining).enumerate() {
-            match self.acquire_backend(b) {
+            match self.acquire_backend(key, b) {
                 Ok(id) => {
                     acquired.push((b.addr, b.port));
                     if i < spec.backends.len() {
@@ -750,7 +752,7 @@ impl XdpMaps {
                 }
                 Err(e) => {
                     for (addr, port) in acquired {
-                        let _ = self.release_backend(addr, port);
+                        let _ = self.release_backend(key, addr, port);
                     }
                     return Err(e);
                 }
@@ -835,7 +837,7 @@ impl XdpMaps {
             Ok(v) => v,
             Err(e) => {
                 for (addr, port) in acquired {
-                    let _ = self.release_backend(addr, port);
+                    let _ = self.release_backend(key, addr, port);
                 }
                 return Err(e);
             }
@@ -855,10 +857,10 @@ impl XdpMaps {
                     .iter()
                     .chain(&spec.draining)
                     .any(|n| (n.addr, n.port) == (b.addr, b.port));
-                if !still_used && let Some(slot) = self.backend_slots.get(&(b.addr, b.port)) {
+                if !still_used && let Some(slot) = self.backend_slots.get(&(key, b.addr, b.port)) {
                     flush.service_backend.insert((value.id, slot.id));
                 }
-                self.release_backend(b.addr, b.port)?;
+                self.release_backend(key, b.addr, b.port)?;
             }
         }
         self.installed.insert(
@@ -890,7 +892,7 @@ impl XdpMaps {
         self.service_ids.release(prev.value.id);
         self.release_vip(key.addr)?;
         for b in prev.spec.backends.iter().chain(&prev.spec.draining) {
-            self.release_backend(b.addr, b.port)?;
+            self.release_backend(key, b.addr, b.port)?;
         }
         Ok(())
     }
@@ -1077,9 +1079,11 @@ impl XdpMaps {
         self.conntrack.iter().filter_map(Result::ok).collect()
     }
 
-    /// The backend id of an address:port, if any frontend uses it.
-    pub fn backend_id(&self, addr: IpAddr, port: u16) -> Option<u32> {
-        self.backend_slots.get(&(addr, port)).map(|s| s.id)
+    /// The backend id of an address:port in a frontend.
+    pub fn backend_id(&self, frontend: &FrontendKey, addr: IpAddr, port: u16) -> Option<u32> {
+        self.backend_slots
+            .get(&(*frontend, addr, port))
+            .map(|s| s.id)
     }
 }
 
