@@ -25,7 +25,9 @@ use anyhow::Context as _;
 
 use lb_agent::dataplane::xdp::{AttachMode, LoadOptions, XdpDataplane};
 
-use crate::{netns::Netns, traffic};
+use std::path::Path;
+
+use crate::{agent::Agent, netns::Netns, traffic};
 
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
 pub const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 1);
@@ -77,6 +79,24 @@ impl Topology {
     /// pinned there too, every packet of a test meets the same per-CPU scheduler state.
     pub fn with_servers_on_cpu(backends: usize, cpu: usize) -> anyhow::Result<Self> {
         Self::build(backends, Some(cpu))
+    }
+
+    /// Starts lb-agent on the LB node, attached to both of its interfaces, pinning under
+    /// `pin_dir`, with the source given by `source` (e.g. `["--services", path]`). Syncs
+    /// coalesce over 100 ms so tests see changes quickly.
+    pub fn start_agent(&self, source: &[&str], pin_dir: &Path) -> anyhow::Result<Agent> {
+        let mut args = vec!["run"];
+        args.extend_from_slice(source);
+        let pin_dir = pin_dir.to_str().context("pin dir is not UTF-8")?;
+        args.extend_from_slice(&[
+            "--iface",
+            LB_IFACES,
+            "--pin-dir",
+            pin_dir,
+            "--min-sync-period",
+            "100ms",
+        ]);
+        Agent::start(&self.lb, &args)
     }
 
     fn build(backends: usize, servers_cpu: Option<usize>) -> anyhow::Result<Self> {

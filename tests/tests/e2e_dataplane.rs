@@ -9,7 +9,7 @@ use std::{
 use xlb_tests::{
     agent::{Agent, BpfFs, scratch_dir},
     netns::require_privileges,
-    topology::{CLIENT_ADDR, LB_IFACES, Topology, VIP, backend_addr},
+    topology::{CLIENT_ADDR, Topology, VIP, backend_addr},
     traffic::{Reply, TcpClient, tally, tcp_once, udp_once},
 };
 
@@ -57,22 +57,9 @@ fn setup(weights: &[u32]) -> Setup {
     let bpffs = BpfFs::new("e2e").unwrap();
     let file = scratch_dir().join("services.yaml");
     std::fs::write(&file, services(weights)).unwrap();
-    let pin_dir = bpffs.pin_dir();
-    let mut agent = Agent::start(
-        &topo.lb,
-        &[
-            "run",
-            "--services",
-            file.to_str().unwrap(),
-            "--iface",
-            LB_IFACES,
-            "--pin-dir",
-            pin_dir.to_str().unwrap(),
-            "--min-sync-period",
-            "100ms",
-        ],
-    )
-    .unwrap();
+    let mut agent = topo
+        .start_agent(&["--services", file.to_str().unwrap()], &bpffs.pin_dir())
+        .unwrap();
     agent.wait_for_sync(1).unwrap();
     Setup {
         topo,

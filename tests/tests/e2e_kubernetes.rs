@@ -14,7 +14,7 @@ use xlb_tests::{
     fake_apiserver::FakeApiServer,
     k8s_objects::{Endpoint, endpoint_slice, node, node_port_service},
     netns::require_privileges,
-    topology::{LB_CLIENT_SIDE, LB_IFACES, TCP_PORT, Topology, VIP, backend_addr},
+    topology::{LB_CLIENT_SIDE, TCP_PORT, Topology, VIP, backend_addr},
     traffic::{Reply, TcpClient, tally, tcp_once},
 };
 
@@ -58,24 +58,13 @@ fn setup() -> Setup {
     server.apply(&node_port_service("web", &VIP.to_string(), NODE_PORT));
     let rv = apply_slice(&server, &[0, 1, 2], &[]);
     let kubeconfig = server.kubeconfig(&scratch_dir());
-    let pin_dir = bpffs.pin_dir();
-    let mut agent = Agent::start(
-        &topo.lb,
-        &[
-            "run",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--node-name",
-            "node-a",
-            "--iface",
-            LB_IFACES,
-            "--pin-dir",
-            pin_dir.to_str().unwrap(),
-            "--min-sync-period",
-            "100ms",
-        ],
-    )
-    .unwrap();
+    let source = [
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--node-name",
+        "node-a",
+    ];
+    let mut agent = topo.start_agent(&source, &bpffs.pin_dir()).unwrap();
     agent.wait_for_rv(rv).unwrap();
     Setup {
         topo,

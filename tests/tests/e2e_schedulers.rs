@@ -14,7 +14,7 @@ use std::{
 use xlb_tests::{
     agent::{Agent, BpfFs, scratch_dir},
     netns::{pin_thread_to_cpu, require_privileges},
-    topology::{LB_IFACES, Topology, VIP, backend_addr},
+    topology::{Topology, VIP, backend_addr},
     traffic::{Reply, TcpClient, tally, tcp_once},
 };
 
@@ -94,22 +94,9 @@ fn setup_with(services: &str) -> Setup {
     let bpffs = BpfFs::new("sched").unwrap();
     let file = scratch_dir().join("services.yaml");
     std::fs::write(&file, services).unwrap();
-    let pin_dir = bpffs.pin_dir();
-    let mut agent = Agent::start(
-        &topo.lb,
-        &[
-            "run",
-            "--services",
-            file.to_str().unwrap(),
-            "--iface",
-            LB_IFACES,
-            "--pin-dir",
-            pin_dir.to_str().unwrap(),
-            "--min-sync-period",
-            "100ms",
-        ],
-    )
-    .unwrap();
+    let mut agent = topo
+        .start_agent(&["--services", file.to_str().unwrap()], &bpffs.pin_dir())
+        .unwrap();
     agent.wait_for_sync(1).unwrap();
     Setup {
         topo,
