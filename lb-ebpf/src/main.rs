@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod conntrack;
 mod forward;
 mod lookup;

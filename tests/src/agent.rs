@@ -119,6 +119,11 @@ impl Agent {
         Ok(Self { child, log })
     }
 
+    /// The agent's process id (`ip netns exec` execs the agent in place, so it is the child's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the agent logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
