@@ -22,7 +22,7 @@ use lb_common::{Config, maps};
 
 use super::{
     Rng,
-    kube_proxy::{self, Backend as Iptables},
+    kube_proxy::{self, Backend as Iptables, Restored},
     median_duration,
     services::{HTTP, ServiceSet, vip},
 };
@@ -46,6 +46,8 @@ pub struct Params {
     pub iptables_rounds: usize,
     /// iptables-restore runs of one change.
     pub iptables_changes: usize,
+    /// A restore still running after this long is killed and reported as "more than".
+    pub iptables_limit: Duration,
 }
 
 impl Params {
@@ -58,6 +60,7 @@ impl Params {
             tracked_flows: 100_000,
             iptables_rounds: 3,
             iptables_changes: 5,
+            iptables_limit: Duration::from_secs(180),
         }
     }
 
@@ -70,6 +73,7 @@ impl Params {
             tracked_flows: 100,
             iptables_rounds: 1,
             iptables_changes: 2,
+            iptables_limit: Duration::from_secs(60),
         }
     }
 }
@@ -79,8 +83,10 @@ impl Params {
 pub struct IptablesTimes {
     pub backend: Iptables,
     pub version: String,
-    pub full: Duration,
-    pub change: Duration,
+    /// Median full restore (or the time limit it exceeded).
+    pub full: Restored,
+    /// Median restore of one change; `None` when the full ruleset never loaded.
+    pub change: Option<Restored>,
     /// Lines of the full ruleset.
     pub rules_lines: usize,
 }
@@ -125,11 +131,17 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// The faster iptables back end's full restore: the baseline to beat.
     pub fn best_iptables_full(&self) -> Option<&IptablesTimes> {
-        self.iptables.iter().min_by_key(|t| t.full)
+        self.iptables.iter().min_by_key(|t| t.full.time())
     }
+}
 
-    pub fn best_iptables_change(&self) -> Option<&IptablesTimes> {
-        self.iptables.iter().min_by_key(|t| t.change)
+/// The median of restore times; unfinished if any run was (its time is then the limit).
+fn median_restored(runs: &[Restored]) -> Restored {
+    let time = median_duration(&runs.iter().map(|r| r.time()).collect::<Vec<_>>());
+    if runs.iter().all(|r| r.finished()) {
+        Restored::In(time)
+    } else {
+        Restored::Unfinished(time)
     }
 }
 
@@ -211,6 +223,9 @@ pub fn run(params: &Params, progress: &dyn Fn(&str)) -> anyhow::Result<ControlPl
         ensure!(outcome.failed == 0, "full sync failed: {outcome:?}");
         harness = Some(h);
     }
+    progress(&format!(
+        "control plane: full syncs took {full_sync_rounds:?}"
+    ));
     let mut h = harness.context("no round ran")?;
     let plan_started = Instant::now();
     let desired = plan::desired(&model);
@@ -257,6 +272,13 @@ pub fn run(params: &Params, progress: &dyn Fn(&str)) -> anyhow::Result<ControlPl
     )?;
     drop(h);
 
+    progress(&format!(
+        "control plane: one change took {:?} (median, empty conntrack), {:?} ({} flows)",
+        median_duration(&empty),
+        median_duration(&with_flows),
+        params.tracked_flows
+    ));
+
     // The baseline.
     let mut iptables = Vec::new();
     let full_rules = kube_proxy::full_ruleset(&base);
@@ -269,7 +291,16 @@ pub fn run(params: &Params, progress: &dyn Fn(&str)) -> anyhow::Result<ControlPl
         let mut change = Vec::new();
         for round in 0..params.iptables_rounds {
             let ns = Netns::new("ipt")?;
-            full.push(kube_proxy::restore(&ns, backend, &full_rules)?);
+            let restored = kube_proxy::restore(&ns, backend, &full_rules, params.iptables_limit)?;
+            full.push(restored);
+            progress(&format!(
+                "control plane: {} full, round {}: {restored:?}",
+                backend.restore_command(),
+                round + 1
+            ));
+            if !restored.finished() {
+                break; // another round would only hit the limit again
+            }
             if round + 1 == params.iptables_rounds {
                 let mut set = base.clone();
                 for k in 0..params.iptables_changes {
@@ -277,15 +308,20 @@ pub fn run(params: &Params, progress: &dyn Fn(&str)) -> anyhow::Result<ControlPl
                     let index = (k * 7919) % set.services.len();
                     set.services[index].endpoints[0] = new_endpoint(k);
                     let rules = kube_proxy::change_ruleset(&before, &set, index);
-                    change.push(kube_proxy::restore(&ns, backend, &rules)?);
+                    change.push(kube_proxy::restore(
+                        &ns,
+                        backend,
+                        &rules,
+                        params.iptables_limit,
+                    )?);
                 }
             }
         }
         iptables.push(IptablesTimes {
             backend,
             version: kube_proxy::version(backend),
-            full: median_duration(&full),
-            change: median_duration(&change),
+            full: median_restored(&full),
+            change: (!change.is_empty()).then(|| median_restored(&change)),
             rules_lines: full_rules.lines().count(),
         });
     }

@@ -235,9 +235,37 @@ pub fn change_ruleset(before: &ServiceSet, after: &ServiceSet, index: usize) -> 
     format!("*nat\n{decl}{services}{NODEPORTS_RULE}{rules}{deletes}COMMIT\n")
 }
 
-/// Runs `<backend>-restore --noflush -w` in `ns` on `rules`; returns the wall time of the whole
-/// command, as kube-proxy waits for it.
-pub fn restore(ns: &Netns, backend: Backend, rules: &str) -> anyhow::Result<Duration> {
+/// How a timed `iptables-restore` ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restored {
+    /// It finished in this wall time.
+    In(Duration),
+    /// It was still running at the time limit and was killed: the time is a lower bound.
+    Unfinished(Duration),
+}
+
+impl Restored {
+    /// The time, or the time limit it exceeded.
+    pub fn time(self) -> Duration {
+        match self {
+            Restored::In(d) | Restored::Unfinished(d) => d,
+        }
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(self, Restored::In(_))
+    }
+}
+
+/// Runs `<backend>-restore --noflush -w` in `ns` on `rules` and measures the wall time of the
+/// whole command, as kube-proxy waits for it. A restore still running after `limit` is killed
+/// (iptables-nft needs time quadratic in the number of chains).
+pub fn restore(
+    ns: &Netns,
+    backend: Backend,
+    rules: &str,
+    limit: Duration,
+) -> anyhow::Result<Restored> {
     let started = Instant::now();
     let mut child = ns
         .command(backend.restore_command())
@@ -247,23 +275,31 @@ pub fn restore(ns: &Netns, backend: Backend, rules: &str) -> anyhow::Result<Dura
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("start {}", backend.restore_command()))?;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .context("write the ruleset")?;
-    let out = child.wait_with_output()?;
-    let elapsed = started.elapsed();
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}): {}",
-            backend.restore_command(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+    // Fed from another thread: a slow restore reads slowly, and the time limit must still hold.
+    let mut stdin = child.stdin.take().unwrap();
+    let rules = rules.to_owned();
+    let feeder = std::thread::spawn(move || stdin.write_all(rules.as_bytes()));
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let elapsed = started.elapsed();
+            let _ = feeder.join();
+            if !status.success() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                bail!("{} failed ({status}): {err}", backend.restore_command());
+            }
+            return Ok(Restored::In(elapsed));
+        }
+        if started.elapsed() >= limit {
+            child.kill()?;
+            child.wait()?;
+            let _ = feeder.join();
+            return Ok(Restored::Unfinished(limit));
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
-    Ok(elapsed)
 }
 
 /// Removes every rule and user chain of the nat and filter tables in `ns`.

@@ -46,6 +46,7 @@ use super::{
     services::{HTTP, ServiceSet, vip},
     thread_cpu_ns,
 };
+use crate::netns::sh;
 use crate::packet::{
     Harness, Router, XDP_PASS, XDP_REDIRECT, decode_checked, flow_key, maglev_choice, run_repeated,
     syn, tcp_frame,
@@ -127,6 +128,9 @@ pub struct Scale {
     pub floor_single_raw: f64,
     /// The kernel's own integer-nanosecond figure for the repeated established case.
     pub established_kernel_ns: f64,
+    /// The established flow with no route to its destination: everything but the FIB lookup's
+    /// search and the forwarding that follows it.
+    pub established_no_route: f64,
 }
 
 /// The stage's result.
@@ -358,6 +362,20 @@ fn measure_scale(
             samples[i].push(ns);
         }
     }
+    // How much of the established path is the FIB lookup and the forwarding decision: the same
+    // flow with no route to its destination (the lookup fails at once and the packet passes).
+    sh(&["ip", "route", "del", "10.96.0.0/12"])?;
+    let mut no_route = Vec::new();
+    for _ in 0..params.rounds {
+        let (ns, _, action) = repeated_ns(xlb, &forward, router.client_side, params.repeat);
+        ensure!(
+            action == XDP_PASS,
+            "established without a route: action {action}"
+        );
+        no_route.push(ns);
+    }
+    router.route("10.96.0.0/12", GATEWAY)?;
+
     // The floor runs first and last in every round; both count.
     let floor_all: Vec<f64> = samples[0].iter().chain(&samples[4]).copied().collect();
     let floor_ns = median(&floor_all);
@@ -417,6 +435,7 @@ fn measure_scale(
         new_flow_single_raw: median(&new_single),
         floor_single_raw: median(&floor_single),
         established_kernel_ns: median(&kernel_established),
+        established_no_route: median(&no_route),
     })
 }
 

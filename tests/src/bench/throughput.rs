@@ -30,6 +30,9 @@ use crate::{
     traffic,
 };
 
+/// Longest a ruleset may take to load before the stage gives up.
+const RESTORE_LIMIT: Duration = Duration::from_secs(600);
+
 #[derive(Clone, Debug)]
 pub struct Params {
     pub scales: Vec<usize>,
@@ -217,13 +220,21 @@ pub fn run(params: &Params, progress: &dyn Fn(&str)) -> anyhow::Result<Throughpu
         agent.stop()?;
     }
 
-    let backend = Iptables::Nft;
+    // iptables-nft cannot load 10k services in any reasonable time (see the control-plane
+    // stage), so the baseline runs on the legacy back end: kube-proxy's classic iptables mode.
+    let backend = Iptables::Legacy;
     let mut iptables = Vec::new();
     for (set, &n) in sets.iter().zip(&params.scales) {
         progress(&format!("throughput: iptables, {n} services"));
         kube_proxy::flush(&topo.lb, backend)?;
-        kube_proxy::restore(&topo.lb, backend, kube_proxy::JUMPS)?;
-        kube_proxy::restore(&topo.lb, backend, &kube_proxy::full_ruleset(set))?;
+        for rules in [kube_proxy::JUMPS, &kube_proxy::full_ruleset(set)] {
+            let restored = kube_proxy::restore(&topo.lb, backend, rules, RESTORE_LIMIT)?;
+            anyhow::ensure!(
+                restored.finished(),
+                "{} did not load {n} services within {RESTORE_LIMIT:?}",
+                backend.restore_command()
+            );
+        }
         iptables.push(measure(&topo, params, set)?);
     }
     kube_proxy::flush(&topo.lb, backend)?;
