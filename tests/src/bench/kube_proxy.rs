@@ -343,8 +343,9 @@ mod tests {
         assert!(rules.contains("--probability 0.2500000000"));
         assert!(rules.contains("--probability 0.5000000000"));
         assert_eq!(rules.matches("COMMIT").count(), 2);
-        // Chain names are unique and at most 28 characters (the iptables limit).
-        let mut chains: Vec<&str> = rules
+        // The nat table's chain names are unique and at most 28 characters (the iptables limit).
+        let nat = &rules[rules.find("*nat").unwrap()..];
+        let mut chains: Vec<&str> = nat
             .lines()
             .filter_map(|l| l.strip_prefix(':'))
             .map(|l| l.split_whitespace().next().unwrap())

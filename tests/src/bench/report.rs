@@ -338,7 +338,7 @@ fn per_packet_section(out: &mut String, pp: &PerPacket) {
     out.push_str("\nTargets: established flow <= 2.0x the floor; 100k / 1 services <= 1.1.\n\n");
     let _ = writeln!(
         out,
-        "| services | programmed in (Syncer::sync) | kernel memory (MemAvailable drop) | \
+        "| services | programmed in (Syncer::sync) | kernel memory of the services (MemAvailable drop) | \
          single-run means: new flow / floor | kernel's figure, established |\n|---|---|---|---|---|"
     );
     for s in &pp.scales {
