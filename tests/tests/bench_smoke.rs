@@ -69,7 +69,11 @@ fn every_bench_stage_produces_sane_numbers_and_a_report() {
     let tp = results.throughput.as_ref().unwrap();
     assert_eq!(tp.scales.len(), params.throughput.scales.len());
     for s in &tp.scales {
-        for (setup, r) in [("xlb", &s.xlb), ("iptables", &s.iptables)] {
+        for (setup, r) in [
+            ("xlb", &s.xlb),
+            ("xlb generic", &s.xlb_generic),
+            ("iptables", &s.iptables),
+        ] {
             sane(&format!("{setup} TCP/s"), r.tcp.per_second());
             sane(&format!("{setup} UDP/s"), r.udp.per_second());
             sane(&format!("{setup} flood"), r.flood_delivered_per_second());

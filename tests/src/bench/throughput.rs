@@ -11,9 +11,16 @@
 //! port (9/UDP) goes to sockets that never read. All of xlb's runs come first, then all of the
 //! iptables runs, so xlb never runs with netfilter state left in the LB namespace.
 //!
+//! xlb runs twice: in native (driver) XDP mode, what the agent picks on a veth, and in generic
+//! (skb) mode. On a veth, native XDP is the driver's emulation of a NIC: the skb a peer sends is
+//! turned into an XDP buffer for the program (copied when it lacks the headroom XDP needs), and a
+//! redirected frame is turned back into an skb by the veth it goes to. Generic mode runs the same
+//! program on the skb inside the stack. Which is faster here says something about veth, not about
+//! a physical NIC, where native XDP runs before any skb exists.
+//!
 //! Everything — generator, LB, bridge, servers — shares the machine's cores: these numbers say
-//! how the two LB paths compare under the same load on this machine, not what either does with
-//! a core of its own.
+//! how the LB paths compare under the same load on this machine, not what any does with a core
+//! of its own.
 
 use std::{net::SocketAddrV4, time::Duration};
 
@@ -97,7 +104,10 @@ impl Rates {
 pub struct Scale {
     pub services: usize,
     pub frontends: usize,
+    /// xlb in native (driver) XDP mode: what the agent attaches on these veths by default.
     pub xlb: Rates,
+    /// xlb in generic (skb) XDP mode.
+    pub xlb_generic: Rates,
     pub iptables: Rates,
 }
 
@@ -197,27 +207,32 @@ pub fn run(params: &Params, progress: &dyn Fn(&str)) -> anyhow::Result<Throughpu
         .map(|&n| service_set(params, n))
         .collect();
     let mut xlb = Vec::new();
-    for (set, &n) in sets.iter().zip(&params.scales) {
-        progress(&format!("throughput: xlb, {n} services"));
-        let bpffs = BpfFs::new(&format!("tp{n}"))?;
-        let pin_dir = bpffs.pin_dir();
-        let file = scratch_dir().join("services.yaml");
-        std::fs::write(&file, set.services_file())?;
-        let mut agent = Agent::start(
-            &topo.lb,
-            &[
-                "run",
-                "--services",
-                file.to_str().unwrap(),
-                "--iface",
-                LB_IFACES,
-                "--pin-dir",
-                pin_dir.to_str().unwrap(),
-            ],
-        )?;
-        agent.wait_for_sync(1)?;
-        xlb.push(measure(&topo, params, set)?);
-        agent.stop()?;
+    let mut xlb_generic = Vec::new();
+    for (mode, results) in [("driver", &mut xlb), ("generic", &mut xlb_generic)] {
+        for (set, &n) in sets.iter().zip(&params.scales) {
+            progress(&format!("throughput: xlb ({mode} XDP), {n} services"));
+            let bpffs = BpfFs::new(&format!("tp-{mode}-{n}"))?;
+            let pin_dir = bpffs.pin_dir();
+            let file = scratch_dir().join("services.yaml");
+            std::fs::write(&file, set.services_file())?;
+            let mut agent = Agent::start(
+                &topo.lb,
+                &[
+                    "run",
+                    "--services",
+                    file.to_str().unwrap(),
+                    "--iface",
+                    LB_IFACES,
+                    "--pin-dir",
+                    pin_dir.to_str().unwrap(),
+                    "--xdp-mode",
+                    mode,
+                ],
+            )?;
+            agent.wait_for_sync(1)?;
+            results.push(measure(&topo, params, set)?);
+            agent.stop()?;
+        }
     }
 
     // iptables-nft cannot load 10k services in any reasonable time (see the control-plane
@@ -246,11 +261,12 @@ pub fn run(params: &Params, progress: &dyn Fn(&str)) -> anyhow::Result<Throughpu
             .scales
             .iter()
             .zip(sets.iter())
-            .zip(xlb.into_iter().zip(iptables))
-            .map(|((&services, set), (xlb, iptables))| Scale {
+            .zip(xlb.into_iter().zip(xlb_generic).zip(iptables))
+            .map(|((&services, set), ((xlb, xlb_generic), iptables))| Scale {
                 services,
                 frontends: set.frontends(),
                 xlb,
+                xlb_generic,
                 iptables,
             })
             .collect(),
