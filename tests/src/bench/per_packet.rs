@@ -33,9 +33,10 @@ use anyhow::{Context as _, bail, ensure};
 use aya::{Ebpf, EbpfLoader, programs::Xdp};
 use etherparse::TcpHeader;
 use lb_agent::{
+    dataplane::Dataplane as _,
     dataplane::xdp::{EMBEDDED_OBJECT, LoadOptions},
     model::Backend,
-    sync::Syncer,
+    plan,
 };
 use lb_common::{Config, maps, proto};
 
@@ -110,8 +111,8 @@ pub struct Scale {
     pub services: usize,
     /// Why fewer services were programmed than asked for.
     pub shortfall: Option<String>,
-    /// Wall time of programming the services through `Syncer::sync` (informational; the
-    /// control-plane stage measures this properly).
+    /// Wall time of the first sync of the services (informational; the control-plane stage
+    /// measures this properly).
     pub program_time: Duration,
     /// Drop of MemAvailable while the services were programmed into the loaded program's maps.
     pub kernel_bytes: u64,
@@ -131,6 +132,9 @@ pub struct Scale {
     /// The established flow with no route to its destination: everything but the FIB lookup's
     /// search and the forwarding that follows it.
     pub established_no_route: f64,
+    /// Frontends the first sync could not program (a resync then did), and the first error.
+    pub first_sync_failures: usize,
+    pub first_sync_error: Option<String>,
 }
 
 /// The stage's result.
@@ -310,14 +314,32 @@ fn measure_scale(
     router.route("10.128.0.0/9", GATEWAY)?;
 
     // After the load: what the services themselves take, not the preallocated conntrack table.
+    // Programmed through the agent's plan and dataplane code (Syncer::sync without its logging),
+    // so a frontend that fails can be reported with its error; failed ones are retried as the
+    // agent's periodic resync would.
     let mem_before = mem_available_bytes();
+    let desired = plan::desired(&model);
     let started = std::time::Instant::now();
-    let outcome = Syncer::new(&mut harness.dataplane, "bench").sync(&model, true);
+    let mut errors = harness
+        .dataplane
+        .apply(plan::diff(harness.dataplane.current(), &desired));
     let program_time = started.elapsed();
+    let first_sync_failures = errors.len();
+    let first_sync_error = errors.first().map(|e| format!("{}: {:#}", e.key, e.error));
+    for _ in 0..5 {
+        if errors.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        errors = harness
+            .dataplane
+            .apply(plan::diff(harness.dataplane.current(), &desired));
+    }
     ensure!(
-        outcome.failed == 0,
-        "{} of {services} services could not be programmed",
-        outcome.failed
+        errors.is_empty(),
+        "{} of {services} services could not be programmed, even after 5 resyncs: {:#}",
+        errors.len(),
+        errors[0].error
     );
     let kernel_bytes = mem_before.saturating_sub(mem_available_bytes());
     let xlb = harness.dataplane.program();
@@ -438,6 +460,8 @@ fn measure_scale(
         floor_single_raw: median(&floor_single),
         established_kernel_ns: median(&kernel_established),
         established_no_route: median(&no_route),
+        first_sync_failures,
+        first_sync_error,
     })
 }
 

@@ -338,7 +338,7 @@ fn per_packet_section(out: &mut String, pp: &PerPacket) {
     out.push_str("\nTargets: established flow <= 2.0x the floor; 100k / 1 services <= 1.1.\n\n");
     let _ = writeln!(
         out,
-        "| services | programmed in (Syncer::sync) | kernel memory of the services (MemAvailable drop) | \
+        "| services | first sync (plan + XdpDataplane::apply) | kernel memory of the services (MemAvailable drop) | \
          single-run means: new flow / floor | kernel's figure, established |\n|---|---|---|---|---|"
     );
     for s in &pp.scales {
@@ -356,6 +356,15 @@ fn per_packet_section(out: &mut String, pp: &PerPacket) {
     }
     out.push('\n');
     for s in &pp.scales {
+        if let Some(error) = &s.first_sync_error {
+            let _ = writeln!(
+                out,
+                "**At {} services the first sync failed for {} frontends** (first error: \
+                 `{error}`); a resync, as the agent's periodic one, programmed them.\n",
+                count(s.services),
+                s.first_sync_failures,
+            );
+        }
         if let Some(why) = &s.shortfall {
             let _ = writeln!(
                 out,
