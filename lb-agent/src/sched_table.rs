@@ -52,7 +52,7 @@ fn reduced_weights(weights: &[u32]) -> Vec<u32> {
 /// shares follow the weights. Turns go in the order of the backends' identities (address, port),
 /// not the order given, so the same backend set always yields the same table.
 pub fn maglev(backends: &[Backend]) -> Vec<u32> {
-    let m = MAGLEV_TABLE_SIZE as u64;
+    let m = MAGLEV_TABLE_SIZE;
     let mut order: Vec<usize> = (0..backends.len())
         .filter(|&i| backends[i].weight > 0)
         .collect();
@@ -67,29 +67,37 @@ pub fn maglev(backends: &[Backend]) -> Vec<u32> {
             .collect::<Vec<_>>(),
     );
 
-    // Per backend: current permutation position, as (slot, skip) to step without a multiply.
-    let mut cursor: Vec<(u64, u64)> = order
+    // Per backend: current permutation position and step. Both are below `m`, so stepping is an
+    // add and at most one subtract: no division in the loop (this loop is most of a full sync).
+    let mut cursor: Vec<(u32, u32)> = order
         .iter()
         .map(|&i| {
             let id = identity(&backends[i]);
-            let offset = murmur3_words(MAGLEV_OFFSET_SEED, &id) as u64 % m;
-            let skip = murmur3_words(MAGLEV_SKIP_SEED, &id) as u64 % (m - 1) + 1;
+            let offset = murmur3_words(MAGLEV_OFFSET_SEED, &id) % m;
+            let skip = murmur3_words(MAGLEV_SKIP_SEED, &id) % (m - 1) + 1;
             (offset, skip)
         })
         .collect();
+    let step = |slot: u32, skip: u32| {
+        let next = slot + skip;
+        if next >= m { next - m } else { next }
+    };
 
-    const EMPTY: u32 = u32::MAX;
-    let mut table = vec![EMPTY; m as usize];
-    let mut filled = 0u64;
+    let mut table = vec![0u32; m as usize];
+    // Which slots are taken, one bit each: 2 KiB that stay in L1 while the probes jump around.
+    let mut taken = vec![0u64; (m as usize).div_ceil(64)];
+    let is_taken = |taken: &[u64], slot: u32| taken[slot as usize / 64] >> (slot % 64) & 1 != 0;
+    let mut filled = 0u32;
     'rounds: loop {
         for (k, &i) in order.iter().enumerate() {
             for _ in 0..weights[k] {
-                let (slot, skip) = &mut cursor[k];
-                while table[*slot as usize] != EMPTY {
-                    *slot = (*slot + *skip) % m;
+                let (mut slot, skip) = cursor[k];
+                while is_taken(&taken, slot) {
+                    slot = step(slot, skip);
                 }
-                table[*slot as usize] = i as u32;
-                *slot = (*slot + *skip) % m;
+                taken[slot as usize / 64] |= 1 << (slot % 64);
+                table[slot as usize] = i as u32;
+                cursor[k].0 = step(slot, skip);
                 filled += 1;
                 if filled == m {
                     break 'rounds;
@@ -279,6 +287,76 @@ mod tests {
         assert_eq!(owners(&maglev(&set), &set), expected);
         set.swap(0, 2);
         assert_eq!(owners(&maglev(&set), &set), expected);
+    }
+
+    /// The textbook population loop (a division per probe, a sentinel for empty slots): the
+    /// optimised [`maglev`] must produce exactly its tables, since the program's pick and every
+    /// agent's table for the same backend set depend on them.
+    fn reference_maglev(backends: &[Backend]) -> Vec<u32> {
+        let m = MAGLEV_TABLE_SIZE as u64;
+        let mut order: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends[i].weight > 0)
+            .collect();
+        if order.is_empty() {
+            return Vec::new();
+        }
+        order.sort_by_key(|&i| (backends[i].addr, backends[i].port));
+        let weights = reduced_weights(
+            &order
+                .iter()
+                .map(|&i| backends[i].weight)
+                .collect::<Vec<_>>(),
+        );
+        let mut cursor: Vec<(u64, u64)> = order
+            .iter()
+            .map(|&i| {
+                let id = identity(&backends[i]);
+                (
+                    murmur3_words(MAGLEV_OFFSET_SEED, &id) as u64 % m,
+                    murmur3_words(MAGLEV_SKIP_SEED, &id) as u64 % (m - 1) + 1,
+                )
+            })
+            .collect();
+        let mut table = vec![u32::MAX; m as usize];
+        let mut filled = 0;
+        'rounds: loop {
+            for (k, &i) in order.iter().enumerate() {
+                for _ in 0..weights[k] {
+                    let (slot, skip) = &mut cursor[k];
+                    while table[*slot as usize] != u32::MAX {
+                        *slot = (*slot + *skip) % m;
+                    }
+                    table[*slot as usize] = i as u32;
+                    *slot = (*slot + *skip) % m;
+                    filled += 1;
+                    if filled == m {
+                        break 'rounds;
+                    }
+                }
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn maglev_matches_the_textbook_population_loop() {
+        let mut seed = 0x786c_6221u64;
+        for case in 0..50usize {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let n = 1 + (seed >> 33) as usize % 40;
+            let set: Vec<Backend> = (0..n)
+                .map(|i| {
+                    Backend::ready(
+                        IpAddr::from([10, case as u8, (i / 250) as u8, (i % 250) as u8 + 1]),
+                        8000 + case as u16,
+                        ((seed >> (i % 24)) % 4) as u32,
+                    )
+                })
+                .collect();
+            assert_eq!(maglev(&set), reference_maglev(&set), "case {case}: {set:?}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 #![feature(asm_experimental_arch)]
 
 mod affinity;
+mod bench;
 mod conntrack;
 mod csum;
 mod forward;

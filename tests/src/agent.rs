@@ -136,6 +136,11 @@ impl Agent {
         Ok(Self { child, log })
     }
 
+    /// The agent's process id (`ip netns exec` execs the agent in place, so it is the child's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the agent logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
@@ -171,11 +176,6 @@ impl Agent {
     /// Waits for the `sync applied` line of generation `n`.
     pub fn wait_for_sync(&mut self, generation: u64) -> anyhow::Result<String> {
         self.wait_for(&["sync applied", &format!("generation={generation} ")])
-    }
-
-    /// The agent's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// Whether the agent is still running.

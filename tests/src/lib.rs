@@ -2,10 +2,12 @@
 //! network namespaces ([`netns`]), the agent as a process ([`agent`]), a fake Kubernetes API
 //! server ([`fake_apiserver`]) with [`k8s_objects`] to feed it, the agent's [`pinned`] maps as the
 //! program reads them, packet tests through BPF_PROG_TEST_RUN ([`packet`]), the end-to-end
-//! [`topology`] with real [`traffic`], and a qemu VM with a Debian kernel for what the host kernel
-//! lacks ([`vm`], with its initramfs written by [`cpio`]).
+//! [`topology`] with real [`traffic`], a qemu VM with a Debian kernel for what the host kernel
+//! lacks ([`vm`], with its initramfs written by [`cpio`]), and the benchmarks of
+//! `cargo xtask bench` ([`bench`]), built on the same pieces.
 
 pub mod agent;
+pub mod bench;
 pub mod cpio;
 pub mod fake_apiserver;
 pub mod k8s_objects;

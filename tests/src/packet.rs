@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{TestRun as _, TestRunOptions, TestRunResult, Xdp};
 use etherparse::{PacketBuilder, TcpHeader};
 use lb_agent::{
     dataplane::xdp::{LoadOptions, XdpDataplane},
@@ -11,7 +11,7 @@ use lb_agent::{
     sync::Syncer,
 };
 
-use crate::netns::{isolate_thread, require_privileges};
+use crate::netns::{isolate_thread, require_privileges, sh};
 
 /// XDP return codes (uapi `enum xdp_action`).
 pub const XDP_DROP: u32 = 1;
@@ -86,13 +86,7 @@ impl Harness {
     /// Runs one frame as if received on interface `ifindex` (of the calling thread's namespace),
     /// so the program's FIB lookup starts there.
     pub fn run_on(&self, frame: &[u8], ifindex: u32) -> Outcome {
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex }: the kernel wants data_end == frame length and the rest zero.
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
-            .iter()
-            .flat_map(|v: &u32| v.to_ne_bytes())
-            .collect();
-        self.run_with_ctx(frame, Some(&ctx))
+        self.run_with_ctx(frame, Some(&xdp_ctx(frame, ifindex)))
     }
 
     fn run_with_ctx(&self, frame: &[u8], ctx: Option<&[u8]>) -> Outcome {
@@ -114,6 +108,110 @@ impl Harness {
             action: result.return_value,
             frame: out,
         }
+    }
+}
+
+/// The `struct xdp_md` of `frame` received on `ifindex`: { data, data_end, data_meta,
+/// ingress_ifindex, rx_queue_index, egress_ifindex }. The kernel wants data_end == frame length
+/// and the rest zero.
+pub fn xdp_ctx(frame: &[u8], ifindex: u32) -> Vec<u8> {
+    [0, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v: &u32| v.to_ne_bytes())
+        .collect()
+}
+
+/// Runs `program` on `frame` (received on `ifindex`) `repeat` times inside one
+/// BPF_PROG_TEST_RUN call, without copying the frame back. The kernel runs the program on the
+/// same buffer every time: a rewrite made by one run is what the next run sees.
+pub fn run_repeated(program: &Xdp, frame: &[u8], ifindex: u32, repeat: u32) -> TestRunResult {
+    let ctx = xdp_ctx(frame, ifindex);
+    program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN")
+}
+
+/// A small router in the calling thread's namespace, shaped like the LB node of the end-to-end
+/// topology, so the program's `bpf_fib_lookup` succeeds as it does on a real node: `lbc`
+/// 10.10.1.1/24 towards the clients and `lbb` 10.10.2.1/24 towards the backends (veths whose
+/// peers are up), forwarding on. Neighbours and routes are added by the caller.
+pub struct Router {
+    /// Interface index of `lbc`.
+    pub client_side: u32,
+    /// Interface index of `lbb`.
+    pub backend_side: u32,
+}
+
+impl Router {
+    /// Builds it in the calling thread's namespace (a [`Harness`] thread's private one).
+    pub fn build() -> anyhow::Result<Self> {
+        for (dev, peer) in [("lbc", "lbc-peer"), ("lbb", "lbb-peer")] {
+            sh(&[
+                "ip", "link", "add", dev, "type", "veth", "peer", "name", peer,
+            ])?;
+        }
+        for dev in ["lo", "lbc", "lbc-peer", "lbb", "lbb-peer"] {
+            sh(&["ip", "link", "set", dev, "up"])?;
+        }
+        sh(&["ip", "addr", "add", "10.10.1.1/24", "dev", "lbc"])?;
+        sh(&["ip", "addr", "add", "10.10.2.1/24", "dev", "lbb"])?;
+        sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        Ok(Self {
+            client_side: Self::index_of("lbc")?,
+            backend_side: Self::index_of("lbb")?,
+        })
+    }
+
+    /// A permanent (resolved) neighbour entry.
+    pub fn neighbour(&self, addr: Ipv4Addr, mac: &str, dev: &str) -> anyhow::Result<()> {
+        let addr = addr.to_string();
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])
+        .map(drop)
+    }
+
+    /// A route to `prefix` (e.g. `10.96.0.0/12`) through `via`.
+    pub fn route(&self, prefix: &str, via: Ipv4Addr) -> anyhow::Result<()> {
+        sh(&["ip", "route", "replace", prefix, "via", &via.to_string()]).map(drop)
+    }
+
+    /// Index of an interface of the calling thread's namespace. (/sys shows the namespace of
+    /// whoever mounted it, not this thread's: ask iproute2.)
+    pub fn index_of(dev: &str) -> anyhow::Result<u32> {
+        let out = sh(&["ip", "-o", "link", "show", dev])?;
+        Ok(out.split(':').next().unwrap_or_default().trim().parse()?)
+    }
+
+    /// MAC address of an interface of the calling thread's namespace.
+    pub fn mac_of(dev: &str) -> anyhow::Result<[u8; 6]> {
+        let out = sh(&["ip", "-o", "link", "show", dev])?;
+        let mac = out
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .ok_or_else(|| anyhow::anyhow!("{dev} has no MAC address: {out}"))?;
+        let bytes = mac
+            .split(':')
+            .map(|x| u8::from_str_radix(x, 16))
+            .collect::<Result<Vec<u8>, _>>()?;
+        bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("bad MAC {mac}"))
     }
 }
 

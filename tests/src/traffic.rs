@@ -73,6 +73,13 @@ pub fn serve(
     Ok(())
 }
 
+/// Binds a UDP "discard" socket (RFC 863) on `addr:port` inside `ns` and returns it: it is never
+/// read, so datagrams sent to it are dropped by the kernel once its receive buffer is full,
+/// without an ICMP error going back. Floods are counted on the interface, not by this socket.
+pub fn discard(ns: &Netns, addr: Ipv4Addr, port: u16) -> anyhow::Result<UdpSocket> {
+    Ok(ns.run(move || UdpSocket::bind((addr, port)))??)
+}
+
 fn answer_tcp(name: &str, stream: TcpStream) {
     let Ok(peer) = stream.peer_addr() else { return };
     let Ok(mut writer) = stream.try_clone() else {

@@ -8,12 +8,9 @@ use std::{net::Ipv4Addr, time::Duration};
 use etherparse::{IpFragOffset, IpHeaders, IpNumber, Ipv4Header, PacketBuilder, TransportHeader};
 use lb_agent::{dataplane::xdp::LoadOptions, model::Backend};
 use lb_common::{Config, FLOW_F_CLOSING, FLOW_F_REPLY, proto};
-use xlb_tests::{
-    netns::sh,
-    packet::{
-        CLIENT_MAC, Harness, LB_MAC, XDP_PASS, XDP_REDIRECT, XDP_TX, decode_checked, flow_key,
-        maglev_choice, syn, tcp_frame, udp_frame,
-    },
+use xlb_tests::packet::{
+    CLIENT_MAC, Harness, LB_MAC, Router, XDP_PASS, XDP_REDIRECT, XDP_TX, decode_checked, flow_key,
+    maglev_choice, syn, tcp_frame, udp_frame,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 1, 2);
@@ -466,69 +463,15 @@ fn frontend(port: u16, protocol: lb_agent::model::Protocol) -> lb_agent::plan::F
 fn fib_hit_rewrites_macs_decrements_ttl_and_redirects() {
     let h = harness();
     // The harness thread lives in its own empty namespace; build a small router there.
-    sh(&[
-        "ip", "link", "add", "lbc", "type", "veth", "peer", "name", "lbc-peer",
-    ])
-    .unwrap();
-    sh(&[
-        "ip", "link", "add", "lbb", "type", "veth", "peer", "name", "lbb-peer",
-    ])
-    .unwrap();
-    for dev in ["lo", "lbc", "lbc-peer", "lbb", "lbb-peer"] {
-        sh(&["ip", "link", "set", dev, "up"]).unwrap();
-    }
-    sh(&["ip", "addr", "add", "10.10.1.1/24", "dev", "lbc"]).unwrap();
-    sh(&["ip", "addr", "add", "10.10.2.1/24", "dev", "lbb"]).unwrap();
-    sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
-    let backend_mac = "02:00:00:00:02:0b";
+    let router = Router::build().unwrap();
     for b in BACKENDS {
-        sh(&[
-            "ip",
-            "neigh",
-            "replace",
-            &b.to_string(),
-            "lladdr",
-            backend_mac,
-            "dev",
-            "lbb",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
+        router.neighbour(b, "02:00:00:00:02:0b", "lbb").unwrap();
     }
-    sh(&[
-        "ip",
-        "neigh",
-        "replace",
-        &CLIENT.to_string(),
-        "lladdr",
-        "02:00:00:00:00:01",
-        "dev",
-        "lbc",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
-    // /sys shows the namespace of whoever mounted it, not this thread's: ask iproute2.
-    let index_of = |dev: &str| -> u32 {
-        let out = sh(&["ip", "-o", "link", "show", dev]).unwrap();
-        out.split(':').next().unwrap().trim().parse().unwrap()
-    };
-    let mac_of = |dev: &str| -> [u8; 6] {
-        let out = sh(&["ip", "-o", "link", "show", dev]).unwrap();
-        let mac = out
-            .split("link/ether ")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap();
-        let bytes: Vec<u8> = mac
-            .split(':')
-            .map(|x| u8::from_str_radix(x, 16).unwrap())
-            .collect();
-        bytes.try_into().unwrap()
-    };
+    router
+        .neighbour(CLIENT, "02:00:00:00:00:01", "lbc")
+        .unwrap();
+    let index_of = |dev: &str| Router::index_of(dev).unwrap();
+    let mac_of = |dev: &str| Router::mac_of(dev).unwrap();
 
     let client = (CLIENT, 43000);
     let out = h.run_on(&syn(client, (VIP, 80)), index_of("lbc"));
@@ -552,19 +495,9 @@ fn fib_hit_rewrites_macs_decrements_ttl_and_redirects() {
 
     // A client on the backend side: in and out the same interface.
     let near_client = (Ipv4Addr::new(10, 10, 2, 50), 44000);
-    sh(&[
-        "ip",
-        "neigh",
-        "replace",
-        "10.10.2.50",
-        "lladdr",
-        "02:00:00:00:02:32",
-        "dev",
-        "lbb",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
+    router
+        .neighbour(near_client.0, "02:00:00:00:02:32", "lbb")
+        .unwrap();
     let out = h.run_on(&syn(near_client, (VIP, 80)), index_of("lbb"));
     assert_eq!(out.action, XDP_TX);
 

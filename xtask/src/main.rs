@@ -43,6 +43,16 @@ enum Cmd {
     },
     /// Build the demo topology, run the agent on the example services file, show it working.
     Demo,
+    /// Measure per-packet cost, control-plane sync and throughput beside kube-proxy's iptables
+    /// mode (release build, needs root); write docs/benchmarks.md and the README's summary.
+    Bench {
+        /// Tiny sizes (seconds): check the benchmark runs, numbers mean nothing.
+        #[arg(long)]
+        smoke: bool,
+        /// Run only these stages: per-packet, control-plane, throughput (comma separated).
+        #[arg(long, value_name = "STAGE,..")]
+        only: Option<String>,
+    },
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -196,6 +206,41 @@ fn demo() -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+/// Builds the release agent and runs the bench binary (tests/src/bin/xlb-bench.rs). A full run
+/// overwrites docs/benchmarks.md and the README's summary; a smoke or partial run only prints.
+fn bench(smoke: bool, only: Option<&str>) -> anyhow::Result<()> {
+    require_root("cargo xtask bench")?;
+    build(true)?;
+    let root = workspace_root();
+    let mut cmd = cargo(&[
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "xlb-tests",
+        "--bin",
+        "xlb-bench",
+        "--",
+    ]);
+    cmd.env("XLB_AGENT_BIN", root.join("target/release/lb-agent"));
+    if smoke {
+        cmd.arg("--smoke");
+    }
+    if let Some(only) = only {
+        cmd.args(["--only", only]);
+    }
+    if smoke || only.is_some() {
+        cmd.args(["--command", "cargo xtask bench (partial run)"]);
+    } else {
+        cmd.args(["--command", "cargo xtask bench"])
+            .arg("--out")
+            .arg(root.join("docs/benchmarks.md"))
+            .arg("--readme")
+            .arg(root.join("README.md"));
+    }
+    run(&mut cmd)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -215,6 +260,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             setup::setup()?;
             demo()
+        }
+        Cmd::Bench { smoke, only } => {
+            setup::setup()?;
+            bench(smoke, only.as_deref())
         }
     }
 }

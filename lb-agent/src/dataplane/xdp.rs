@@ -167,6 +167,85 @@ pub struct XdpMaps {
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
     table_ids: IdAllocator,
+    /// Where a table is assembled before it is written (64 KiB, allocated once).
+    scratch_table: Box<SchedTable>,
+}
+
+/// The scheduler table of a frontend, as indices into its `backends`.
+fn table_of(spec: &FrontendSpec) -> Vec<u32> {
+    let backends: Vec<Backend> = spec
+        .backends
+        .iter()
+        .map(|b| Backend::ready(b.addr, b.port, b.weight))
+        .collect();
+    sched_table::build(spec.scheduler, &backends)
+}
+
+/// Builds the tables of a batch of upserts on worker threads, handing them out in order.
+///
+/// Worker `w` of `n` builds tables `w, w + n, w + 2n, ...` in that order into its own bounded
+/// channel, so the consumer, taking table `i` from channel `i % n`, never waits on a worker that
+/// is itself blocked, and at most [`TableBuilder::AHEAD`] tables per worker wait in memory.
+/// Small batches (one endpoint change) are built inline: a thread costs more than a table.
+struct TableBuilder<'a> {
+    inline: &'a [&'a FrontendSpec],
+    channels: Vec<std::sync::mpsc::Receiver<Vec<u32>>>,
+    next: usize,
+}
+
+impl<'a> TableBuilder<'a> {
+    /// Tables per worker built ahead of the consumer.
+    const AHEAD: usize = 8;
+    /// Batches smaller than this are built on the calling thread.
+    const MIN_PARALLEL: usize = 32;
+
+    fn start<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        specs: &'a [&'a FrontendSpec],
+    ) -> Self
+    where
+        'a: 'scope,
+    {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if specs.len() < Self::MIN_PARALLEL || workers < 2 {
+            return Self {
+                inline: specs,
+                channels: vec![],
+                next: 0,
+            };
+        }
+        let channels = (0..workers)
+            .map(|w| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(Self::AHEAD);
+                scope.spawn(move || {
+                    for spec in specs.iter().skip(w).step_by(workers) {
+                        if tx.send(table_of(spec)).is_err() {
+                            return; // the consumer stopped early
+                        }
+                    }
+                });
+                rx
+            })
+            .collect();
+        Self {
+            inline: specs,
+            channels,
+            next: 0,
+        }
+    }
+
+    /// The table of the next upsert.
+    fn next(&mut self) -> Vec<u32> {
+        let i = self.next;
+        self.next += 1;
+        if self.channels.is_empty() {
+            return table_of(self.inline[i]);
+        }
+        let n = self.channels.len();
+        self.channels[i % n]
+            .recv()
+            .expect("a table-building thread panicked")
+    }
 }
 
 /// The XDP dataplane: the loaded object, its maps, and the interfaces it is attached to.
@@ -338,6 +417,7 @@ impl XdpDataplane {
             service_ids: IdAllocator::new(opts.max_services),
             backend_ids: IdAllocator::new(opts.max_backends),
             table_ids: IdAllocator::new(2 * opts.max_services),
+            scratch_table: Box::default(),
         };
         maps.config
             .set(0, opts.config, 0)
@@ -646,16 +726,31 @@ impl XdpMaps {
     fn apply(&mut self, ops: Vec<Op>) -> Vec<OpError> {
         let mut errors = Vec::new();
         let mut flush = ConntrackFlush::default();
-        for op in ops {
-            let key = *op.key();
-            let result = match op {
-                Op::Upsert(key, spec) => self.upsert(key, spec, &mut flush),
-                Op::Remove(key) => self.remove(key, &mut flush),
-            };
-            if let Err(error) = result {
-                errors.push(OpError { key, error });
+        let upserts: Vec<&FrontendSpec> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Upsert(_, spec) => Some(spec),
+                Op::Remove(_) => None,
+            })
+            .collect();
+        // Scheduler tables are pure functions of each upsert's backends and most of a large
+        // sync's CPU time: other threads build them, in op order, while this one writes maps.
+        std::thread::scope(|scope| {
+            let mut tables = TableBuilder::start(scope, &upserts);
+            for op in &ops {
+                let key = *op.key();
+                let result = match op {
+                    Op::Upsert(key, spec) => {
+                        let slots = tables.next();
+                        self.upsert(*key, spec, &slots, &mut flush)
+                    }
+                    Op::Remove(key) => self.remove(*key, &mut flush),
+                };
+                if let Err(error) = result {
+                    errors.push(OpError { key, error });
+                }
             }
-        }
+        });
         if let Err(error) = self.flush_conntrack(&flush) {
             warn!(error = %error, "could not delete conntrack entries of removed backends");
         }
@@ -718,10 +813,12 @@ impl XdpMaps {
         Ok(())
     }
 
+    /// Installs `spec` for `key`; `slots` is its scheduler table (from [`table_of`]).
     fn upsert(
         &mut self,
         key: FrontendKey,
-        spec: FrontendSpec,
+        spec: &FrontendSpec,
+        slots: &[u32],
         flush: &mut ConntrackFlush,
     ) -> anyhow::Result<()> {
         let skey = service_key(&key);
@@ -760,23 +857,21 @@ impl XdpMaps {
         }
 
         // 2. A new table under a fresh id.
-        let model_backends: Vec<Backend> = spec
-            .backends
-            .iter()
-            .map(|b| Backend::ready(b.addr, b.port, b.weight))
-            .collect();
-        let slots = sched_table::build(spec.scheduler, &model_backends);
         let result = (|| -> anyhow::Result<ServiceValue> {
             let table_id = if slots.is_empty() {
                 0
             } else {
-                let mut table = Box::<SchedTable>::default();
+                let table = &mut self.scratch_table;
                 table.len = slots.len() as u32;
-                for (dst, &i) in table.backend_ids.iter_mut().zip(&slots) {
+                for (dst, &i) in table.backend_ids.iter_mut().zip(slots) {
                     *dst = active_ids[i as usize];
                 }
+                // Shorter (round-robin, least-conn) tables leave no ids of an earlier table.
+                table.backend_ids[slots.len()..].fill(0);
                 let id = self.table_ids.alloc("scheduler table")?;
-                if let Err(e) = self.tables.insert(id, *table, 0) {
+                // By reference: by value would copy the 64 KiB table onto the stack first.
+                let table: &SchedTable = table;
+                if let Err(e) = self.tables.insert(id, table, 0) {
                     self.table_ids.release(id);
                     return Err(e).context("write scheduler table");
                 }
@@ -870,7 +965,7 @@ impl XdpMaps {
                 value,
             },
         );
-        self.current.insert(key, spec);
+        self.current.insert(key, spec.clone());
         Ok(())
     }
 
