@@ -3,13 +3,16 @@
 //! server ([`fake_apiserver`]) with [`k8s_objects`] to feed it, the agent's [`pinned`] maps as the
 //! program reads them, packet tests through BPF_PROG_TEST_RUN ([`packet`]), the end-to-end
 //! [`topology`] with real [`traffic`], and a qemu VM with a Debian kernel for what the host kernel
-//! lacks ([`vm`], with its initramfs written by [`cpio`]).
+//! lacks ([`vm`], with its initramfs written by [`cpio`]), [`http`] to scrape the agent's
+//! listener and [`ops`] for the operator commands.
 
 pub mod agent;
 pub mod cpio;
 pub mod fake_apiserver;
+pub mod http;
 pub mod k8s_objects;
 pub mod netns;
+pub mod ops;
 pub mod packet;
 pub mod pinned;
 pub mod topology;

@@ -65,7 +65,7 @@ impl Choice {
     /// look for, like kube-proxy's "Using ipvs Proxier").
     pub fn log(&self, default_scheduler: &str) {
         let kind = self.dataplane.kind();
-        info!(dataplane = %kind, reason = ?self.reason, scheduler = default_scheduler, "Using {kind} dataplane");
+        info!(dataplane = %kind, reason = ?self.reason, scheduler = %default_scheduler, "Using {kind} dataplane");
     }
 }
 
