@@ -31,7 +31,10 @@ pub fn get(ns: &Netns, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
             .nth(1)
             .context("no status code")?
             .parse()?;
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             bail!("chunked responses are not expected from the agent");
         }
         Ok((status, body.to_owned()))

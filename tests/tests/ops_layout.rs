@@ -55,10 +55,7 @@ fn snapshot(pin_dir: &Path) -> Snapshot {
                 .collect::<Vec<_>>()
         ),
         config: maps.config().unwrap(),
-        links: LB_IFACES
-            .split(',')
-            .map(|i| link_ids(pin_dir, i))
-            .collect(),
+        links: LB_IFACES.split(',').map(|i| link_ids(pin_dir, i)).collect(),
     }
 }
 
@@ -136,7 +133,10 @@ fn another_layout_version_is_refused_and_the_running_dataplane_left_alone() {
         LAYOUT_VERSION + 98
     );
     assert!(log.contains(&expected), "{log}");
-    assert!(log.contains("lb-agent cleanup"), "the message names the way out: {log}");
+    assert!(
+        log.contains("lb-agent cleanup"),
+        "the message names the way out: {log}"
+    );
     assert!(!log.contains("IPVS"), "no fallback was tried: {log}");
     assert!(!log.contains("sync applied"), "{log}");
 
@@ -149,7 +149,11 @@ fn another_layout_version_is_refused_and_the_running_dataplane_left_alone() {
         .run(move || {
             let mut kept = kept;
             let r = kept.ask().unwrap().backend;
-            (r, tcp_once(WEB).unwrap(), udp_once(SocketAddrV4::new(VIP, 53)).unwrap())
+            (
+                r,
+                tcp_once(WEB).unwrap(),
+                udp_once(SocketAddrV4::new(VIP, 53)).unwrap(),
+            )
         })
         .unwrap();
     assert_eq!(answered.0, backend);

@@ -138,8 +138,8 @@ fn sigkill_and_restart_ten_times_loses_no_connection_and_no_request() {
         .run(|| {
             (0..CONNECTIONS)
                 .map(|i| {
-                    let mut c = TcpClient::connect(WEB)
-                        .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                    let mut c =
+                        TcpClient::connect(WEB).unwrap_or_else(|e| panic!("connection {i}: {e}"));
                     let b = c.ask().unwrap().backend;
                     (c, b)
                 })
@@ -192,7 +192,10 @@ fn sigkill_and_restart_ten_times_loses_no_connection_and_no_request() {
         );
         for (i, iface) in ifaces.iter().enumerate() {
             let (link, program) = link_ids(&pin_dir, iface);
-            assert_eq!(link, first_links[i].0, "round {round}: {iface} keeps its link");
+            assert_eq!(
+                link, first_links[i].0,
+                "round {round}: {iface} keeps its link"
+            );
             assert_ne!(
                 program, programs[i],
                 "round {round}: {iface} runs the new agent's program"
