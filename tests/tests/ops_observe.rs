@@ -120,8 +120,13 @@ fn entry_value(e: &Value) -> &Value {
     }
 }
 
+/// A map, its key's field names (`None`: an array index) and its value's (empty: a plain
+/// integer).
+type MapFields<'a> = (&'a str, Option<&'a [&'a str]>, &'a [&'a str]);
+
 fn check_bpftool_field_names(pin_dir: &Path) {
-    let expect: [(&str, Option<&[&str]>, &[&str]); 12] = [
+    let global_fields = lb_common::GlobalStats::default().fields().map(|(n, _)| n);
+    let expect: [MapFields; 12] = [
         (
             maps::SERVICES,
             Some(&["addr", "port", "proto", "family"]),
@@ -161,11 +166,7 @@ fn check_bpftool_field_names(pin_dir: &Path) {
             None,
             &["packets", "bytes", "new_flows", "no_backend"],
         ),
-        (
-            maps::GLOBAL_STATS,
-            None,
-            &lb_common::GlobalStats::default().fields().map(|(n, _)| n),
-        ),
+        (maps::GLOBAL_STATS, None, &global_fields),
         (
             maps::CONFIG,
             None,
