@@ -30,11 +30,11 @@ use lb_common::{
     SERVICE_F_AFFINITY, SERVICE_F_DROP_NO_BACKEND, SchedTable, Scheduler, ServiceKey, ServiceStats,
     ServiceValue, VipKey, VipValue, family,
     maps::{self, LEAST_CONN_MAX_BACKENDS},
-    wire_addr_octets, wire_addr_v4, wire_addr_v6,
+    wire_addr_v4, wire_addr_v6,
 };
 use tracing::{info, warn};
 
-use super::{Dataplane, OpError};
+use super::{Dataplane, OpError, pinned::ip_from_wire};
 use crate::{
     model::{Backend, Protocol},
     plan::{BackendSpec, FrontendKey, FrontendSpec, Op},
@@ -530,15 +530,6 @@ fn wire_addr(addr: IpAddr) -> ([u32; 4], u8) {
     match addr {
         IpAddr::V4(a) => (wire_addr_v4(a.octets()), family::IPV4),
         IpAddr::V6(a) => (wire_addr_v6(a.octets()), family::IPV6),
-    }
-}
-
-fn ip_from_wire(addr: &[u32; 4], fam: u8) -> IpAddr {
-    let o = wire_addr_octets(addr);
-    if fam == family::IPV6 {
-        IpAddr::from(o)
-    } else {
-        IpAddr::from([o[0], o[1], o[2], o[3]])
     }
 }
 
