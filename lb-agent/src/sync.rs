@@ -185,10 +185,14 @@ impl<'a> Syncer<'a> {
         let n_ops = ops.len();
         let errors = self.dataplane.apply(ops);
         let took = started.elapsed();
+        let mut not_applied = Vec::new();
         for e in &errors {
             warn!(frontend = %e.key, "frontend not applied, its previous state is kept: {:#}", e.error);
-            problems.insert(0, format!("{}: not applied: {:#}", e.key, e.error));
+            not_applied.push(format!("{}: not applied: {:#}", e.key, e.error));
         }
+        // Failures first: they are what an operator must act on.
+        not_applied.append(&mut problems);
+        let problems = not_applied;
         if announce || n_ops > 0 {
             self.generation += 1;
         }

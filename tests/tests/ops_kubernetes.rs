@@ -96,7 +96,10 @@ fn network_programming_latency_follows_the_trigger_time_annotation() {
     // patience of this test. (The agent must have run longer than that, or the change predates
     // it.)
     std::thread::sleep(Duration::from_secs(2));
-    server.apply(&node_port_service("web", "10.96.0.10", 30080));
+    // The Service first, seen by the agent, so the slice's sync is the one that programs it (the
+    // watches deliver independently; a sync's rv is the highest seen on any of them).
+    let rv = server.apply(&node_port_service("web", "10.96.0.10", 30080));
+    agent.wait_for_rv(rv).unwrap();
     let rv = server.apply(&slice_changed_at(
         "web-abcde",
         "web",

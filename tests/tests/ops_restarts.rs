@@ -1,7 +1,8 @@
 //! Restarts lose nothing: 100 long-lived TCP connections and a steady UDP request stream go
 //! through the VIP while the agent is SIGKILLed and restarted ten times. The program stays
 //! attached through its pinned link while no agent runs; each new agent adopts the pinned maps,
-//! replaces the program atomically (same link, new program) and finds nothing to write.
+//! replaces the program atomically (same link, new program) and finds nothing to write; the
+//! counters scraped from /metrics carry on across restarts.
 
 use std::{
     collections::BTreeMap,
@@ -16,6 +17,7 @@ use std::{
 use lb_common::FlowKey;
 use xlb_tests::{
     agent::{Agent, BpfFs, scratch_dir},
+    http::{get, sample},
     netns::require_privileges,
     ops::{FlowDecision, conntrack, link_ids},
     topology::{CLIENT_ADDR, LB_IFACES, Topology, VIP, backend_addr},
@@ -117,7 +119,18 @@ fn sigkill_and_restart_ten_times_loses_no_connection_and_no_request() {
         "100ms",
         "--status-file",
         status_file.to_str().unwrap(),
+        "--metrics-bind-address",
+        "127.0.0.1:10249",
     ];
+    let udp_packets = |topo: &Topology| -> f64 {
+        let (code, body) = get(&topo.lb, "127.0.0.1:10249".parse().unwrap(), "/metrics").unwrap();
+        assert_eq!(code, 200);
+        sample(
+            &body,
+            "xlb_service_packets_total{service=\"echo-udp\",frontend=\"10.96.0.10:53/UDP\"}",
+        )
+        .unwrap_or_else(|| panic!("no UDP counter in:\n{body}"))
+    };
     let mut agent = Agent::start(&topo.lb, &args).unwrap();
     let using = agent.wait_for(&["Using xdp dataplane"]).unwrap();
     assert!(using.contains("scheduler=mh"), "{using}");
@@ -162,6 +175,7 @@ fn sigkill_and_restart_ten_times_loses_no_connection_and_no_request() {
     };
 
     let mut programs: Vec<u32> = first_links.iter().map(|(_, p)| *p).collect();
+    let mut counted = udp_packets(&topo);
     for round in 0..RESTARTS {
         agent.kill().unwrap();
         // No agent: the pinned link keeps the program attached and forwarding.
@@ -202,6 +216,14 @@ fn sigkill_and_restart_ten_times_loses_no_connection_and_no_request() {
             );
             programs[i] = program;
         }
+        // Scraped during the stream: the per-CPU counters live in pinned maps, so they carry on
+        // across restarts instead of starting again from zero.
+        let now_counted = udp_packets(&topo);
+        assert!(
+            now_counted > counted,
+            "round {round}: UDP packets {now_counted} after {counted}"
+        );
+        counted = now_counted;
         // Conntrack was adopted, not flushed: every connection's entries decide the same.
         let now = tcp_flows(&pin_dir);
         for (key, decision) in &flows {
