@@ -924,9 +924,15 @@ impl XdpMaps {
                 service_id: value.id,
                 backend_id: *id,
             };
-            self.draining
+            // The service is flipped already, so a failure here must not fail the op (the record
+            // would then disagree with the kernel); without the record the next adoption only
+            // rewrites this frontend's table once.
+            if let Err(e) = self
+                .draining
                 .insert(marker, DrainingValue { weight: b.weight }, 0)
-                .context("record a draining backend")?;
+            {
+                warn!(frontend = %key, backend = %b.addr, error = %e, "could not record a draining backend");
+            }
         }
 
         // 5. Retire what the previous state held.
@@ -935,7 +941,7 @@ impl XdpMaps {
                 if let Some(slot) = self.backend_slots.get(&(b.addr, b.port))
                     && !draining_ids.contains(&slot.id)
                 {
-                    self.forget_draining(value.id, slot.id)?;
+                    self.forget_draining(value.id, slot.id);
                 }
             }
             if prev.value.table_id != 0 {
@@ -984,7 +990,7 @@ impl XdpMaps {
         flush.services.insert(prev.value.id);
         for b in &prev.spec.draining {
             if let Some(slot) = self.backend_slots.get(&(b.addr, b.port)) {
-                self.forget_draining(prev.value.id, slot.id)?;
+                self.forget_draining(prev.value.id, slot.id);
             }
         }
         self.service_ids.release(prev.value.id);
@@ -995,15 +1001,19 @@ impl XdpMaps {
         Ok(())
     }
 
-    fn forget_draining(&mut self, service_id: u32, backend_id: u32) -> anyhow::Result<()> {
+    /// Deletes a draining record. Runs after the service entry changed, so a failure is only
+    /// logged: the next adoption drops records that name no draining backend.
+    fn forget_draining(&mut self, service_id: u32, backend_id: u32) {
         let marker = DrainingKey {
             service_id,
             backend_id,
         };
         match self.draining.remove(&marker) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(e).context("delete a draining record"),
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                warn!(service_id, backend_id, error = %e, "could not delete a draining record")
+            }
         }
     }
 
