@@ -1,6 +1,7 @@
 //! The agent's HTTP listener (kube-proxy's metricsBindAddress, 127.0.0.1:10249 by default):
-//! `/healthz` answers 200 while syncs succeed, 503 otherwise. Kubelet probes it; `/metrics` is
-//! meant to join it on the same listener.
+//! * `/healthz` answers 200 while syncs succeed, 503 otherwise; kubelet probes it;
+//! * `/metrics`: Prometheus text ([`crate::metrics`]);
+//! * `/status`: the agent's status as JSON ([`crate::status`], what `lb-agent status` shows).
 //!
 //! Healthy means: a sync has run, the last one applied every frontend, and one ran recently
 //! (the sync loop resyncs every syncPeriod, so a silent loop is a stuck agent). While the API
@@ -8,7 +9,6 @@
 //! it would not bring the API server back.
 
 use std::{
-    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -22,6 +22,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
+use crate::{metrics::Metrics, status::StatusBoard};
+
 /// What the sync loop reports and the listener serves.
 #[derive(Debug)]
 pub struct Health {
@@ -34,8 +36,6 @@ pub struct Health {
 struct State {
     last_sync: Option<Instant>,
     last_sync_ok: bool,
-    /// Objects a source rejected, by reason (the future metric's label).
-    rejections: BTreeMap<&'static str, u64>,
 }
 
 impl Health {
@@ -47,27 +47,16 @@ impl Health {
         })
     }
 
+    /// How old the last sync may be before the agent counts as stuck.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
+    }
+
     /// Records the outcome of a sync (every frontend applied or not).
     pub fn record_sync(&self, ok: bool) {
         let mut s = self.state.lock().unwrap();
         s.last_sync = Some(Instant::now());
         s.last_sync_ok = ok;
-    }
-
-    /// Counts an object a source rejected.
-    pub fn record_rejection(&self, reason: &'static str) {
-        *self
-            .state
-            .lock()
-            .unwrap()
-            .rejections
-            .entry(reason)
-            .or_default() += 1;
-    }
-
-    /// Rejections so far, by reason.
-    pub fn rejections(&self) -> BTreeMap<&'static str, u64> {
-        self.state.lock().unwrap().rejections.clone()
     }
 
     /// `Ok` when healthy, else why not.
@@ -84,34 +73,58 @@ impl Health {
     }
 }
 
-fn respond(health: &Health, path: &str) -> Response<Full<Bytes>> {
-    let (status, body) = match path {
-        "/healthz" => match health.check() {
-            Ok(()) => (StatusCode::OK, "ok\n".to_string()),
-            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+/// What the listener serves.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub health: Arc<Health>,
+    pub metrics: Option<Arc<Metrics>>,
+    pub status: Option<Arc<StatusBoard>>,
+}
+
+fn respond(endpoints: &Endpoints, path: &str) -> Response<Full<Bytes>> {
+    let text = "text/plain; charset=utf-8";
+    let (status, content_type, body) = match path {
+        "/healthz" => match endpoints.health.check() {
+            Ok(()) => (StatusCode::OK, text, "ok\n".to_string()),
+            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, text, format!("{why}\n")),
         },
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+        "/metrics" if endpoints.metrics.is_some() => (
+            StatusCode::OK,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            endpoints.metrics.as_ref().unwrap().encode(),
+        ),
+        "/status" if endpoints.status.is_some() => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&endpoints.status.as_ref().unwrap().get())
+                .unwrap_or_default(),
+        ),
+        _ => (StatusCode::NOT_FOUND, text, "not found\n".to_string()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     response
 }
 
 /// Binds `addr` now (so a port conflict fails the start) and serves in the background.
-pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, endpoints: Endpoints) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
-        .with_context(|| format!("bind the health listener on {addr}"))?;
-    info!(%addr, "serving /healthz");
+        .with_context(|| format!("bind the metrics and health listener on {addr}"))?;
+    info!(%addr, "serving /healthz, /metrics and /status");
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let health = health.clone();
+            let endpoints = endpoints.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let response = respond(&health, req.uri().path());
+                    let response = respond(&endpoints, req.uri().path());
                     async move { Ok::<_, Infallible>(response) }
                 });
                 if let Err(e) = http1::Builder::new()
@@ -150,12 +163,29 @@ mod tests {
     #[test]
     fn paths() {
         let h = Health::new(Duration::from_secs(30));
+        let mut e = Endpoints {
+            health: h.clone(),
+            metrics: None,
+            status: None,
+        };
         assert_eq!(
-            respond(&h, "/healthz").status(),
+            respond(&e, "/healthz").status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
         h.record_sync(true);
-        assert_eq!(respond(&h, "/healthz").status(), StatusCode::OK);
-        assert_eq!(respond(&h, "/other").status(), StatusCode::NOT_FOUND);
+        assert_eq!(respond(&e, "/healthz").status(), StatusCode::OK);
+        assert_eq!(respond(&e, "/other").status(), StatusCode::NOT_FOUND);
+        assert_eq!(respond(&e, "/metrics").status(), StatusCode::NOT_FOUND);
+        e.metrics = Some(Metrics::new("xdp", "test", None));
+        e.status = Some(StatusBoard::new(Default::default(), None));
+        let m = respond(&e, "/metrics");
+        assert_eq!(m.status(), StatusCode::OK);
+        assert!(
+            m.headers()[hyper::header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        assert_eq!(respond(&e, "/status").status(), StatusCode::OK);
     }
 }

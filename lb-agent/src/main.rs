@@ -5,18 +5,23 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
+    cli::{
+        cleanup::CleanupArgs, inspect::InspectArgs, preflight::PreflightArgs, status::StatusArgs,
+    },
     dataplane::{
         ipvs::{DEFAULT_VIP_IFACE, IpvsOptions},
         select::{self, Chosen, DataplaneMode, XdpRequest},
         xdp::{AttachMode, LoadOptions},
     },
-    health::Health,
+    health::{Endpoints, Health},
     kube_proxy_config::{self, KubeProxyConfig},
+    metrics::Metrics,
     model::{Scheduler, parse_scheduler},
     source::{
         file,
         kubernetes::{self, ClusterAccess, translate::NodeSettings},
     },
+    status::{AgentStatus, DEFAULT_STATUS_FILE, DataplaneStatus, StatusBoard, unix_now},
     sync::{SyncPeriods, Syncer},
 };
 use lb_common::{CONFIG_F_ICMP_ECHO, Config, maps};
@@ -41,7 +46,19 @@ struct Cli {
 enum Command {
     /// Load the dataplane, program it from the services file (standalone) or the cluster
     /// (Kubernetes mode), and keep it in sync.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Print the pinned XDP maps (services, backends, flows, stats), with the agent running or
+    /// not.
+    Inspect(InspectArgs),
+    /// Print what the running agent reports: dataplane, last sync, errors. Exit code 0 when
+    /// healthy, 1 otherwise.
+    Status(StatusArgs),
+    /// Check whether XDP or IPVS can run on this node. Exit code: 0 XDP, 10 IPVS only,
+    /// 20 neither.
+    Preflight(PreflightArgs),
+    /// Remove everything xlb created (XDP links, pinned maps, IPVS services, the VIP interface),
+    /// for a rollback. Stop the agent first.
+    Cleanup(CleanupArgs),
 }
 
 /// What happens to the attached program when the agent exits on SIGINT/SIGTERM.
@@ -75,10 +92,17 @@ struct RunArgs {
     /// else maglev.
     #[arg(long, value_parser = parse_scheduler_arg)]
     scheduler: Option<Scheduler>,
-    /// Address of the /healthz listener. Default: metricsBindAddress of --config, else
-    /// 127.0.0.1:10249 in Kubernetes mode and none in standalone mode.
+    /// Address of the /healthz, /metrics and /status listener. Default: metricsBindAddress of
+    /// --config, else 127.0.0.1:10249 in Kubernetes mode and none in standalone mode (a lab
+    /// or migration host may run kube-proxy on that port).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_bind_address: Option<SocketAddr>,
+    /// Where to write the agent's status after every sync (read by `lb-agent status`).
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_STATUS_FILE)]
+    status_file: PathBuf,
+    /// Do not write a status file.
+    #[arg(long, conflicts_with = "status_file")]
+    no_status_file: bool,
     /// Which dataplane programs the services: `auto` uses XDP where the program loads and
     /// attaches on every --iface, and kernel IPVS otherwise.
     #[arg(long, value_enum, default_value_t = DataplaneMode::Auto)]
@@ -239,18 +263,51 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ipvs = IpvsOptions {
         vip_iface: args.ipvs_vip_iface.clone(),
     };
-    let mut chosen = select::choose(args.dataplane, &xdp, &ipvs)?.log();
-
-    let health = Health::new(periods.sync_period);
-    if let Some(addr) = health_addr {
-        lb_agent::health::serve(addr, health.clone()).await?;
+    let default_scheduler = match &source {
+        Source::File(_) => parse_scheduler(file::DEFAULT_SCHEDULER).unwrap_or_default(),
+        Source::Kubernetes { settings, .. } => settings.default_scheduler,
     }
-
-    let (tx, rx) = mpsc::channel(16);
+    .ipvs_name();
     let source_name = match &source {
         Source::File(_) => "file",
         Source::Kubernetes { .. } => "kubernetes",
     };
+    let choice = select::choose(args.dataplane, &xdp, &ipvs)?;
+    choice.log(default_scheduler);
+    let reason = choice.reason.clone();
+    let mut chosen = choice.dataplane;
+    let is_xdp = matches!(chosen, Chosen::Xdp(_));
+
+    let health = Health::new(periods.sync_period);
+    let metrics = Metrics::new(chosen.kind(), &reason, is_xdp.then(|| args.pin_dir.clone()));
+    let status = StatusBoard::new(
+        AgentStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: unix_now(),
+            source: source_name.to_owned(),
+            dataplane: DataplaneStatus {
+                mode: chosen.kind().to_owned(),
+                reason,
+                default_scheduler: default_scheduler.to_owned(),
+                pin_dir: is_xdp.then(|| args.pin_dir.clone()),
+                interfaces: if is_xdp { args.iface.clone() } else { vec![] },
+            },
+            stale_after_s: health.stale_after().as_secs_f64(),
+            ..AgentStatus::default()
+        },
+        (!args.no_status_file).then(|| args.status_file.clone()),
+    );
+    if let Some(addr) = health_addr {
+        let endpoints = Endpoints {
+            health: health.clone(),
+            metrics: Some(metrics.clone()),
+            status: Some(status.clone()),
+        };
+        lb_agent::health::serve(addr, endpoints).await?;
+    }
+
+    let (tx, rx) = mpsc::channel(16);
     let watcher = match source {
         Source::File(services) => tokio::spawn(async move {
             if let Err(e) = file::watch(services, tx).await {
@@ -277,6 +334,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     Syncer::new(chosen.as_dyn(), source_name)
         .with_health(health)
+        .with_metrics(metrics)
+        .with_status(status)
         .run(rx, periods, shutdown)
         .await;
     watcher.abort();
@@ -322,12 +381,20 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
-    match cli.command {
-        Command::Run(args) => runtime.block_on(run(args)),
-    }
+    let code = match cli.command {
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("start the async runtime")?;
+            runtime.block_on(run(*args))?;
+            0
+        }
+        Command::Inspect(args) => lb_agent::cli::inspect::run(&args)?,
+        Command::Status(args) => lb_agent::cli::status::run(&args)?,
+        Command::Preflight(args) => lb_agent::cli::preflight::run(&args)?,
+        Command::Cleanup(args) => lb_agent::cli::cleanup::run(&args)?,
+    };
+    std::process::exit(code)
 }

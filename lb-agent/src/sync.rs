@@ -5,11 +5,15 @@
 //! drift. Each sync caused by a source logs one line operators and tests rely on:
 //! `sync applied source=file services=12 backends=36 generation=7`; in Kubernetes mode it ends
 //! with the highest resourceVersion applied, `... generation=7 rv=123456`.
+//!
+//! Every sync is reported to whoever watches the agent: /healthz ([`Health`]), /metrics
+//! ([`Metrics`]: duration, outcome, network-programming latency of the source changes it
+//! applied) and the status file ([`StatusBoard`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tokio::{
@@ -21,9 +25,11 @@ use tracing::{debug, info, warn};
 use crate::{
     dataplane::Dataplane,
     health::Health,
+    metrics::Metrics,
     model::{Model, Rejection},
-    plan,
+    plan::{self, FrontendKey},
     source::SourceEvent,
+    status::{FrontendStatus, RejectionStatus, StatusBoard, SyncStatus, unix_now},
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -63,9 +69,19 @@ pub struct Syncer<'a> {
     /// Highest Kubernetes resourceVersion the model reflects (Kubernetes mode only).
     resource_version: Option<String>,
     health: Option<Arc<Health>>,
+    metrics: Option<Arc<Metrics>>,
+    status: Option<Arc<StatusBoard>>,
     /// Rejections already reported: a Kubernetes source re-sends the whole state on every change,
     /// and each rejected object is logged and counted once, not once per change.
     reported: BTreeSet<(String, &'static str)>,
+    /// What the source rejects now (for the status).
+    rejections: Vec<Rejection>,
+    /// Frontends already counted as unsupported (they are logged on every sync).
+    unsupported_reported: BTreeSet<FrontendKey>,
+    /// When the source changes not yet applied were made (network-programming latency).
+    pending_changes: Vec<SystemTime>,
+    /// Changes made before the agent started are not its latency (they waited for the agent).
+    started: SystemTime,
 }
 
 impl<'a> Syncer<'a> {
@@ -76,11 +92,36 @@ impl<'a> Syncer<'a> {
             generation: 0,
             resource_version: None,
             health: None,
+            metrics: None,
+            status: None,
             reported: BTreeSet::new(),
+            rejections: Vec::new(),
+            unsupported_reported: BTreeSet::new(),
+            pending_changes: Vec::new(),
+            started: SystemTime::now(),
         }
     }
 
-    /// Reports every sync's outcome and every rejection to `health` (served on /healthz).
+    /// Records every sync and rejection in `metrics` (served on /metrics).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Publishes every sync's outcome on `status` (the status file and /status).
+    pub fn with_status(mut self, status: Arc<StatusBoard>) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Source changes made at `times` are in the next model: the sync that applies it observes
+    /// their network-programming latency.
+    pub fn note_changes(&mut self, times: impl IntoIterator<Item = SystemTime>) {
+        self.pending_changes
+            .extend(times.into_iter().filter(|t| *t >= self.started));
+    }
+
+    /// Reports every sync's outcome to `health` (served on /healthz).
     pub fn with_health(mut self, health: Arc<Health>) -> Self {
         self.health = Some(health);
         self
@@ -90,8 +131,8 @@ impl<'a> Syncer<'a> {
     pub fn report_rejections(&self, rejections: &[Rejection]) {
         for r in rejections {
             warn!(location = %r.location, reason = r.reason, "rejected: {}", r.detail);
-            if let Some(h) = &self.health {
-                h.record_rejection(r.reason);
+            if let Some(m) = &self.metrics {
+                m.record_rejection(r.reason);
             }
         }
     }
@@ -116,31 +157,57 @@ impl<'a> Syncer<'a> {
     /// `announce` logs the `sync applied` line even when nothing changed (syncs caused by a
     /// source); periodic resyncs only log when they had to repair something.
     pub fn sync(&mut self, model: &Model, announce: bool) -> SyncOutcome {
+        let started = std::time::Instant::now();
         let mut desired = BTreeMap::new();
         let mut unsupported = 0;
+        let mut unsupported_now = BTreeSet::new();
+        let mut problems = Vec::new();
         for (key, spec) in plan::desired(model) {
             match self.dataplane.unsupported(&key) {
                 Some(why) => {
                     unsupported += 1;
                     warn!(service = spec.service, frontend = %key, reason = "unsupported", "rejected: {why}");
+                    if !self.unsupported_reported.contains(&key)
+                        && let Some(m) = &self.metrics
+                    {
+                        m.record_rejection("unsupported");
+                    }
+                    unsupported_now.insert(key);
+                    problems.push(format!("{key} ({}): unsupported: {why}", spec.service));
                 }
                 None => {
                     desired.insert(key, spec);
                 }
             }
         }
+        self.unsupported_reported = unsupported_now;
         let ops = plan::diff(self.dataplane.current(), &desired);
         let n_ops = ops.len();
         let errors = self.dataplane.apply(ops);
+        let took = started.elapsed();
+        let mut not_applied = Vec::new();
         for e in &errors {
             warn!(frontend = %e.key, "frontend not applied, its previous state is kept: {:#}", e.error);
+            not_applied.push(format!("{}: not applied: {:#}", e.key, e.error));
         }
+        // Failures first: they are what an operator must act on.
+        not_applied.append(&mut problems);
+        let problems = not_applied;
         if announce || n_ops > 0 {
             self.generation += 1;
         }
         if let Some(h) = &self.health {
             h.record_sync(errors.is_empty());
         }
+        self.publish(
+            model,
+            &desired,
+            took,
+            n_ops,
+            errors.len(),
+            unsupported,
+            problems,
+        );
         let services = model.services.len();
         let backends = model.backend_count();
         let generation = self.generation;
@@ -169,6 +236,78 @@ impl<'a> Syncer<'a> {
             ops: n_ops,
             failed: errors.len(),
             unsupported,
+        }
+    }
+
+    /// Reports a finished sync to the metrics and the status board.
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &mut self,
+        model: &Model,
+        desired: &BTreeMap<FrontendKey, plan::FrontendSpec>,
+        took: Duration,
+        ops: usize,
+        failed: usize,
+        unsupported: usize,
+        problems: Vec<String>,
+    ) {
+        let ok = failed == 0;
+        let services = model.services.len();
+        let backends = model.backend_count();
+        if let Some(m) = &self.metrics {
+            let names = desired
+                .iter()
+                .map(|(k, spec)| (*k, spec.service.clone()))
+                .collect();
+            m.record_sync(took, ok, names, services, backends);
+            if ok {
+                let now = SystemTime::now();
+                for changed in self.pending_changes.drain(..) {
+                    m.record_programming_latency(now.duration_since(changed).unwrap_or_default());
+                }
+            }
+        }
+        if ok {
+            self.pending_changes.clear();
+        }
+        if let Some(board) = &self.status {
+            let frontends = desired
+                .iter()
+                .map(|(k, spec)| FrontendStatus {
+                    frontend: k.to_string(),
+                    service: spec.service.clone(),
+                    scheduler: spec.scheduler.ipvs_name().to_owned(),
+                    backends: spec.backends.len(),
+                    draining: spec.draining.len(),
+                })
+                .collect();
+            let rejections = self
+                .rejections
+                .iter()
+                .map(|r| RejectionStatus {
+                    location: r.location.clone(),
+                    reason: r.reason.to_owned(),
+                    detail: r.detail.clone(),
+                })
+                .collect();
+            let sync = SyncStatus {
+                at: unix_now(),
+                generation: self.generation,
+                ops,
+                failed,
+                unsupported,
+                duration_s: took.as_secs_f64(),
+                ok,
+                resource_version: self.resource_version.clone(),
+            };
+            board.update(|s| {
+                s.services = services;
+                s.backends = backends;
+                s.frontends = frontends;
+                s.last_sync = Some(sync);
+                s.errors = problems;
+                s.rejections = rejections;
+            });
         }
     }
 
@@ -203,11 +342,15 @@ impl<'a> Syncer<'a> {
                     None => return,
                     Some(SourceEvent::File(parsed)) => {
                         self.report_rejections(&parsed.rejections);
+                        self.note_changes(parsed.modified);
+                        self.rejections = parsed.rejections;
                         model = Some(parsed.model);
                         pending = true;
                     }
                     Some(SourceEvent::Kubernetes(snapshot)) => {
                         self.report_new_rejections(&snapshot.rejections);
+                        self.note_changes(snapshot.change_triggers);
+                        self.rejections = snapshot.rejections;
                         self.resource_version = Some(snapshot.resource_version);
                         model = Some(snapshot.model);
                         pending = true;

@@ -272,6 +272,26 @@ pub struct AffinityValue {
     pub _pad: u32,
 }
 
+/// Key of [`crate::maps::DRAINING`]: a backend that a frontend keeps only for its open flows
+/// (a terminating endpoint: in no scheduler table, but its conntrack entries stay).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DrainingKey {
+    /// [`ServiceValue::id`] of the frontend.
+    pub service_id: u32,
+    /// Index of the backend in [`crate::maps::BACKENDS`].
+    pub backend_id: u32,
+}
+
+/// Value of [`crate::maps::DRAINING`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainingValue {
+    /// The backend's weight in the agent's model (0 for a terminating endpoint today; kept so the
+    /// record round-trips exactly).
+    pub weight: u32,
+}
+
 /// Value of [`crate::maps::SERVICE_STATS`] (per CPU), indexed by service id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -328,6 +348,28 @@ impl core::ops::AddAssign for ServiceStats {
         self.bytes += o.bytes;
         self.new_flows += o.new_flows;
         self.no_backend += o.no_backend;
+    }
+}
+
+impl GlobalStats {
+    /// Every counter with its field name (the name BTF and bpftool show), in declaration order.
+    pub const fn fields(&self) -> [(&'static str, u64); 14] {
+        [
+            ("packets", self.packets),
+            ("not_service", self.not_service),
+            ("malformed", self.malformed),
+            ("fragments", self.fragments),
+            ("ct_hits", self.ct_hits),
+            ("ct_misses", self.ct_misses),
+            ("ct_insert_failed", self.ct_insert_failed),
+            ("reverse_nat", self.reverse_nat),
+            ("fib_forwarded", self.fib_forwarded),
+            ("fib_to_stack", self.fib_to_stack),
+            ("no_backend", self.no_backend),
+            ("rejected", self.rejected),
+            ("icmp_echo_replies", self.icmp_echo_replies),
+            ("icmp_errors_nat", self.icmp_errors_nat),
+        ]
     }
 }
 
@@ -411,6 +453,8 @@ mod pod {
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for DrainingKey {}
+    unsafe impl aya::Pod for DrainingValue {}
 }
 
 /// Compile-time proof that the layouts have no implicit padding (sizes are the sum of the
@@ -430,5 +474,7 @@ const _: () = {
     assert!(size_of::<VipValue>() == 4);
     assert!(size_of::<AffinityKey>() == 24);
     assert!(size_of::<AffinityValue>() == 16);
+    assert!(size_of::<DrainingKey>() == 8);
+    assert!(size_of::<DrainingValue>() == 4);
     assert!(align_of::<FlowValue>() <= 8);
 };

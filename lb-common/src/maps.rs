@@ -31,6 +31,11 @@ pub const AFFINITY: &str = "xlb_affinity";
 pub const RR_CURSOR: &str = "xlb_rr_cursor";
 /// Active flows per backend for lc/wlc: backend id -> `u64`. Array, updated atomically.
 pub const BACKEND_CONNS: &str = "xlb_be_conns";
+/// Terminating backends of each frontend: [`crate::DrainingKey`] -> [`crate::DrainingValue`].
+/// Hash map without preallocation. Only the agent reads and writes it: a draining backend is in
+/// no scheduler table, so this is how an agent that restarts (or re-reads the maps on a resync)
+/// learns which backends a frontend keeps for its open flows.
+pub const DRAINING: &str = "xlb_draining";
 
 /// Every map pinned under the pin directory, for cleanup and inspection.
 pub const ALL: &[&str] = &[
@@ -45,6 +50,7 @@ pub const ALL: &[&str] = &[
     AFFINITY,
     RR_CURSOR,
     BACKEND_CONNS,
+    DRAINING,
 ];
 
 /// Name of the XDP program in the object, and of its pinned link under the pin directory
@@ -62,6 +68,9 @@ pub const MAX_SCHED_TABLES: u32 = 2 * MAX_SERVICES;
 pub const CONNTRACK_MAX: u32 = 262_144;
 /// Default number of VIP addresses (a VIP usually carries several frontends).
 pub const MAX_VIPS: u32 = MAX_SERVICES;
+/// Default number of (frontend, draining backend) pairs. Not preallocated, so the size costs
+/// nothing until endpoints terminate.
+pub const MAX_DRAINING: u32 = MAX_BACKENDS;
 /// Default number of (service, client address) affinity entries.
 pub const AFFINITY_MAX: u32 = 65_536;
 /// Most backends a least-connection (lc/wlc) service may have: the program compares them all

@@ -8,11 +8,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BackendValue, Config, FlowKey, FlowValue, GlobalStats, SchedTable,
-    ServiceKey, ServiceStats, ServiceValue, VipKey, VipValue,
+    AffinityKey, AffinityValue, BackendValue, Config, DrainingKey, DrainingValue, FlowKey,
+    FlowValue, GlobalStats, SchedTable, ServiceKey, ServiceStats, ServiceValue, VipKey, VipValue,
     maps::{
-        AFFINITY_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_SCHED_TABLES, MAX_SERVICES, MAX_VIPS,
-        SINGLETON,
+        AFFINITY_MAX, CONNTRACK_MAX, MAX_BACKENDS, MAX_DRAINING, MAX_SCHED_TABLES, MAX_SERVICES,
+        MAX_VIPS, SINGLETON,
     },
 };
 
@@ -59,3 +59,13 @@ pub static xlb_rr_cursor: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCpuAr
 
 #[btf_map]
 pub static xlb_be_conns: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Never touched by the program: the agent's record of which backends each frontend keeps for
+/// draining flows. Declared here so it is created and pinned with the other maps.
+#[btf_map]
+pub static xlb_draining: HashMap<
+    DrainingKey,
+    DrainingValue,
+    { MAX_DRAINING as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();

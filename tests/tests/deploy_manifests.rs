@@ -214,4 +214,23 @@ fn the_kustomize_build_is_a_complete_least_privilege_install() {
             .map(|c| c.name.as_str())
             == cm.metadata.name.as_deref())
     );
+    // The root filesystem is read-only: the status file's directory is a writable volume.
+    let status_dir = std::path::Path::new(lb_agent::status::DEFAULT_STATUS_FILE)
+        .parent()
+        .unwrap();
+    let run = agent
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| std::path::Path::new(&m.mount_path) == status_dir)
+        .expect("a volume at the status file's directory");
+    assert_ne!(run.read_only, Some(true));
+    assert!(
+        pod.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == run.name && v.empty_dir.is_some())
+    );
 }

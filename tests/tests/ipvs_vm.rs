@@ -12,6 +12,8 @@
 //!    does not have; see the test for the kernel's own objection) picks IPVS and logs why;
 //! 5. drift made by hand (a real server deleted, a scheduler changed, a VIP unbound) is repaired
 //!    by the periodic resync with exactly the writes it needs;
+//! 6. `lb-agent preflight` says only IPVS can run (exit code 10), and `lb-agent cleanup` removes
+//!    xlb's services, kube-ipvs0 and the pins the failed XDP probe of step 4 left;
 //!
 //! and the hand-made service survives all of it.
 
@@ -283,6 +285,13 @@ section repaired-ipvsadm ipvsadm -Ln
 section repaired-vips ip addr show kube-ipvs0
 stop_agent
 section agent-3-log cat /agent-3.log
+
+echo 1 > /proc/sys/net/ipv4/ip_forward
+section preflight sh -c '/lb-agent preflight --iface eth9; echo "exit=$?"'
+section cleanup /lb-agent cleanup
+section cleaned-ipvsadm ipvsadm -Ln
+section cleaned-vips sh -c 'ip link show kube-ipvs0 2>&1 || echo "no kube-ipvs0"'
+section cleaned-pins sh -c 'ls -a /sys/fs/bpf; echo "end"'
 
 report "=== DONE"
 sync
@@ -596,6 +605,48 @@ fn ipvs_dataplane_in_a_vm() {
     line_with(
         log3,
         "took over an existing IPVS service on a VIP xlb now holds frontend=10.96.0.60:3868/SCTP",
+    );
+
+    // 6. preflight and cleanup.
+    let preflight = body("preflight");
+    assert!(
+        preflight.contains(
+            "verdict: only the IPVS dataplane can run here (XDP no, IPVS yes; exit code 10)"
+        ) && preflight.contains("exit=10"),
+        "{preflight}"
+    );
+    let cleanup = body("cleanup");
+    for frontend in [
+        "10.96.0.10:80/TCP",
+        "10.96.0.11:443/TCP",
+        "10.96.0.53:53/UDP",
+        "10.96.0.60:3868/SCTP",
+        "10.96.0.80:80/TCP",
+        "[fd00::10]:80/TCP",
+    ] {
+        assert!(
+            cleanup.contains(&format!("ipvs: removed the virtual service {frontend}\n")),
+            "{frontend}: {cleanup}"
+        );
+    }
+    assert!(
+        cleanup.contains("ipvs: removed the VIP interface kube-ipvs0 and its addresses"),
+        "{cleanup}"
+    );
+    assert!(
+        cleanup.contains("xdp: removed /sys/fs/bpf/xlb\n"),
+        "the pins of the failed XDP probe go too: {cleanup}"
+    );
+    assert_eq!(
+        ipvs_table(body("cleaned-ipvsadm")),
+        expected_table(""),
+        "only the hand-made service stays"
+    );
+    assert!(body("cleaned-vips").contains("no kube-ipvs0"));
+    assert!(
+        !body("cleaned-pins").contains("xlb"),
+        "{}",
+        body("cleaned-pins")
     );
 
     std::fs::remove_dir_all(&work).ok();

@@ -2,6 +2,7 @@
 //! never knows which it is.
 
 pub mod ipvs;
+pub mod pinned;
 pub mod select;
 pub mod xdp;
 

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use super::{
     Dataplane,
     ipvs::{IpvsDataplane, IpvsOptions},
-    xdp::{AttachMode, LoadOptions, XdpDataplane},
+    xdp::{AttachMode, LayoutMismatch, LoadOptions, XdpDataplane},
 };
 
 /// `--dataplane`.
@@ -60,12 +60,12 @@ pub struct Choice {
 }
 
 impl Choice {
-    /// Logs the choice and its reason (`dataplane=ipvs reason="..."`, one line operators and
-    /// tests look for) and hands over the dataplane.
-    pub fn log(self) -> Chosen {
+    /// Logs the choice, its reason and the default scheduler of services that do not name one
+    /// (`Using xdp dataplane dataplane=xdp reason="..." scheduler=mh`, one line operators and tests
+    /// look for, like kube-proxy's "Using ipvs Proxier").
+    pub fn log(&self, default_scheduler: &str) {
         let kind = self.dataplane.kind();
-        info!(dataplane = %kind, reason = ?self.reason, "Using {kind} dataplane");
-        self.dataplane
+        info!(dataplane = %kind, reason = ?self.reason, scheduler = %default_scheduler, "Using {kind} dataplane");
     }
 }
 
@@ -120,6 +120,11 @@ pub fn choose(mode: DataplaneMode, xdp: &XdpRequest, ipvs: &IpvsOptions) -> anyh
                 }
                 Err(e) => e,
             };
+            // XDP is running here already, with maps this agent cannot read: starting IPVS beside
+            // it would run two load balancers. Refuse, and leave the running one alone.
+            if xdp_error.downcast_ref::<LayoutMismatch>().is_some() {
+                return Err(xdp_error);
+            }
             match IpvsDataplane::open(ipvs) {
                 Ok(dataplane) => {
                     // The whole story (a verifier log can run to pages) once, the gist in the

@@ -25,16 +25,16 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BACKEND_F_ACTIVE, BackendValue, Config, FLOW_F_CLOSING,
-    FLOW_F_COUNTED, FLOW_F_REPLY, FlowKey, FlowValue, GlobalStats, LAYOUT_VERSION,
+    AffinityKey, AffinityValue, BACKEND_F_ACTIVE, BackendValue, Config, DrainingKey, DrainingValue,
+    FLOW_F_CLOSING, FLOW_F_COUNTED, FLOW_F_REPLY, FlowKey, FlowValue, GlobalStats, LAYOUT_VERSION,
     SERVICE_F_AFFINITY, SERVICE_F_DROP_NO_BACKEND, SchedTable, Scheduler, ServiceKey, ServiceStats,
     ServiceValue, VipKey, VipValue, family,
     maps::{self, LEAST_CONN_MAX_BACKENDS},
-    wire_addr_octets, wire_addr_v4, wire_addr_v6,
+    wire_addr_v4, wire_addr_v6,
 };
 use tracing::{info, warn};
 
-use super::{Dataplane, OpError};
+use super::{Dataplane, OpError, pinned::ip_from_wire};
 use crate::{
     model::{Backend, Protocol},
     plan::{BackendSpec, FrontendKey, FrontendSpec, Op},
@@ -156,6 +156,7 @@ pub struct XdpMaps {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     rr_cursor: PerCpuArray<MapData, u32>,
     backend_conns: Array<MapData, u64>,
+    draining: HashMap<MapData, DrainingKey, DrainingValue>,
 
     /// The timeouts the program applies, for the agent's conntrack maintenance.
     timeouts: Config,
@@ -276,7 +277,7 @@ fn map_data(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<MapData> {
 }
 
 /// Fails unless `dir` is on bpffs: pins anywhere else would fail with a confusing error.
-fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
+pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
     let probe = dir.parent().filter(|p| p.exists()).unwrap_or(dir);
     let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -292,8 +293,17 @@ fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pinned maps were written by an agent with another map layout. Adopting them would misread
+/// every entry, and replacing them would drop every open connection, so the agent refuses to
+/// start and touches nothing: no fallback to another dataplane either (that would run two
+/// load balancers at once).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LayoutMismatch(String);
+
 /// Refuses pinned maps written with another layout: adopting them would misread every entry.
-fn check_pinned_layout(pin_dir: &Path) -> anyhow::Result<()> {
+/// Reads only: runs before anything is created, loaded or written.
+pub fn check_pinned_layout(pin_dir: &Path) -> anyhow::Result<()> {
     let path = pin_dir.join(maps::CONFIG);
     if !path.exists() {
         return Ok(());
@@ -302,25 +312,27 @@ fn check_pinned_layout(pin_dir: &Path) -> anyhow::Result<()> {
         MapData::from_pin(&path).with_context(|| format!("open pinned {}", path.display()))?;
     let info = data.info()?;
     if info.value_size() as usize != size_of::<Config>() {
-        bail!(
+        return Err(LayoutMismatch(format!(
             "pinned maps in {} have an incompatible layout (config value is {} bytes, this agent \
              expects {}); refusing to touch them. Run `lb-agent cleanup` to remove them (this drops \
              conntrack state), or run the agent version that created them.",
             pin_dir.display(),
             info.value_size(),
             size_of::<Config>()
-        );
+        ))
+        .into());
     }
     let config: Array<MapData, Config> = Array::try_from(aya::maps::Map::Array(data))?;
     let found = config.get(&0, 0)?.layout_version;
     // 0: created by a program load that never got its config written; safe to initialise.
     if found != 0 && found != LAYOUT_VERSION {
-        bail!(
+        return Err(LayoutMismatch(format!(
             "pinned maps in {} have layout version {found}, this agent uses {LAYOUT_VERSION}; \
              refusing to adopt them and leaving the running dataplane alone. Run the matching agent, \
              or `lb-agent cleanup` to start afresh (this drops conntrack state).",
             pin_dir.display()
-        );
+        ))
+        .into());
     }
     Ok(())
 }
@@ -332,9 +344,10 @@ impl XdpDataplane {
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {
                 check_bpffs(dir)?;
+                // Before anything is created: a refused layout leaves the pin dir as it was.
+                check_pinned_layout(dir)?;
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("create {}", dir.display()))?;
-                check_pinned_layout(dir)?;
                 maps::ALL.iter().map(|&m| (m, dir.join(m))).collect()
             }
             None => vec![],
@@ -409,6 +422,10 @@ impl XdpDataplane {
             backend_conns: Array::try_from(aya::maps::Map::Array(map_data(
                 &mut ebpf,
                 maps::BACKEND_CONNS,
+            )?))?,
+            draining: HashMap::try_from(aya::maps::Map::HashMap(map_data(
+                &mut ebpf,
+                maps::DRAINING,
             )?))?,
             timeouts: opts.config,
             installed: BTreeMap::new(),
@@ -598,15 +615,6 @@ fn wire_addr(addr: IpAddr) -> ([u32; 4], u8) {
     }
 }
 
-fn ip_from_wire(addr: &[u32; 4], fam: u8) -> IpAddr {
-    let o = wire_addr_octets(addr);
-    if fam == family::IPV6 {
-        IpAddr::from(o)
-    } else {
-        IpAddr::from([o[0], o[1], o[2], o[3]])
-    }
-}
-
 /// The map key of a frontend.
 pub fn service_key(key: &FrontendKey) -> ServiceKey {
     let (addr, family) = wire_addr(key.addr);
@@ -632,7 +640,18 @@ fn is_not_found(e: &MapError) -> bool {
 
 impl XdpMaps {
     /// Rebuilds the agent's record from the maps (after a restart, or to repair drift).
+    ///
+    /// Everything a [`FrontendSpec`] holds is in the maps: the service entry, the backends its
+    /// table names, and the draining backends in [`maps::DRAINING`]. Only the service name is
+    /// not; it is carried over from the previous record of the same frontend (a restarted agent
+    /// learns it from its first sync, which does not compare names).
     fn adopt(&mut self) -> anyhow::Result<()> {
+        let previous_names: StdHashMap<FrontendKey, String> = self
+            .installed
+            .iter()
+            .map(|(k, i)| (*k, i.spec.service.clone()))
+            .collect();
+        let first = previous_names.is_empty();
         self.installed.clear();
         self.current.clear();
         self.backend_slots.clear();
@@ -644,6 +663,19 @@ impl XdpMaps {
             .iter()
             .collect::<Result<_, _>>()
             .context("iterate services")?;
+        let markers: Vec<(DrainingKey, DrainingValue)> = self
+            .draining
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("iterate draining backends")?;
+        let mut draining_of: StdHashMap<u32, Vec<(u32, DrainingValue)>> = StdHashMap::new();
+        for (k, v) in &markers {
+            draining_of
+                .entry(k.service_id)
+                .or_default()
+                .push((k.backend_id, *v));
+        }
+        let mut live_markers = BTreeSet::new();
         for (skey, value) in entries {
             let Some(key) = frontend_key(&skey) else {
                 warn!(?skey, "removing a service entry with an unknown protocol");
@@ -663,41 +695,50 @@ impl XdpMaps {
                 }
             }
             let mut backends = Vec::new();
-            for id in ids {
-                let b = self.backends.get(&id, 0)?;
-                if b.flags & BACKEND_F_ACTIVE == 0 {
+            for id in &ids {
+                if let Some(b) = self.adopt_backend(key, *id, None)? {
+                    backend_ids.insert(*id);
+                    backends.push(b);
+                }
+            }
+            // A marker only counts for a live backend outside the table: anything else is a
+            // leftover (of an interrupted update, or of an agent that did not keep markers).
+            let mut draining = Vec::new();
+            for (id, marker) in draining_of.get(&value.id).into_iter().flatten() {
+                if ids.contains(id) {
                     continue;
                 }
-                backend_ids.insert(id);
-                let addr = ip_from_wire(&b.addr, b.family);
-                let port = u16::from_be(b.port);
-                let slot = self
-                    .backend_slots
-                    .entry((key, addr, port))
-                    .or_insert(BackendSlot {
-                        id,
-                        refs: 0,
-                        weight: b.weight,
+                if let Some(b) = self.adopt_backend(key, *id, Some(marker.weight))? {
+                    backend_ids.insert(*id);
+                    live_markers.insert(DrainingKey {
+                        service_id: value.id,
+                        backend_id: *id,
                     });
-                slot.refs += 1;
-                backends.push(BackendSpec {
-                    addr,
-                    port,
-                    weight: b.weight,
-                });
+                    draining.push(b);
+                }
             }
             backends.sort();
+            draining.sort();
             let spec = FrontendSpec {
-                service: String::new(),
+                service: previous_names.get(&key).cloned().unwrap_or_default(),
                 scheduler: Scheduler::from_u8(value.scheduler).unwrap_or_default(),
                 affinity_timeout_s: (value.flags & SERVICE_F_AFFINITY != 0)
                     .then_some(value.affinity_timeout_s),
                 backends,
-                draining: vec![],
+                draining,
                 drop_when_empty: value.flags & SERVICE_F_DROP_NO_BACKEND != 0,
             };
             self.current.insert(key, spec.clone());
             self.installed.insert(key, Installed { spec, value });
+        }
+        for (k, _) in &markers {
+            if !live_markers.contains(k) {
+                match self.draining.remove(k) {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
         // Tables no service points at are leftovers of an interrupted update.
         let stale_tables: Vec<u32> = self
@@ -713,14 +754,46 @@ impl XdpMaps {
         self.service_ids.adopt(&service_ids);
         self.table_ids.adopt(&table_ids);
         self.backend_ids.adopt(&backend_ids);
-        if !self.current.is_empty() {
+        if first && !self.current.is_empty() {
             info!(
                 frontends = self.current.len(),
                 backends = self.backend_slots.len(),
+                draining = live_markers.len(),
                 "adopted state from pinned maps"
             );
         }
         Ok(())
+    }
+
+    /// Reads backend `id` of frontend `key` into the record, holding one reference, and returns it as the spec
+    /// names it (`weight` overrides the slot's weight for a draining backend). `None` for a
+    /// free slot.
+    fn adopt_backend(
+        &mut self,
+        key: FrontendKey,
+        id: u32,
+        weight: Option<u32>,
+    ) -> anyhow::Result<Option<BackendSpec>> {
+        let b = self.backends.get(&id, 0)?;
+        if b.flags & BACKEND_F_ACTIVE == 0 {
+            return Ok(None);
+        }
+        let addr = ip_from_wire(&b.addr, b.family);
+        let port = u16::from_be(b.port);
+        let slot = self
+            .backend_slots
+            .entry((key, addr, port))
+            .or_insert(BackendSlot {
+                id,
+                refs: 0,
+                weight: b.weight,
+            });
+        slot.refs += 1;
+        Ok(Some(BackendSpec {
+            addr,
+            port,
+            weight: weight.unwrap_or(b.weight),
+        }))
     }
 
     fn apply(&mut self, ops: Vec<Op>) -> Vec<OpError> {
@@ -938,8 +1011,37 @@ impl XdpMaps {
             }
         };
 
-        // 4. Retire what the previous state held.
+        // 4. Record the draining backends (the program never reads this; a later adopt does).
+        let draining_ids: Vec<u32> = spec
+            .draining
+            .iter()
+            .filter_map(|b| self.backend_slots.get(&(key, b.addr, b.port)).map(|s| s.id))
+            .collect();
+        for (b, id) in spec.draining.iter().zip(&draining_ids) {
+            let marker = DrainingKey {
+                service_id: value.id,
+                backend_id: *id,
+            };
+            // The service is flipped already, so a failure here must not fail the op (the record
+            // would then disagree with the kernel); without the record the next adoption only
+            // rewrites this frontend's table once.
+            if let Err(e) = self
+                .draining
+                .insert(marker, DrainingValue { weight: b.weight }, 0)
+            {
+                warn!(frontend = %key, backend = %b.addr, error = %e, "could not record a draining backend");
+            }
+        }
+
+        // 5. Retire what the previous state held.
         if let Some(prev) = previous {
+            for b in &prev.spec.draining {
+                if let Some(slot) = self.backend_slots.get(&(key, b.addr, b.port))
+                    && !draining_ids.contains(&slot.id)
+                {
+                    self.forget_draining(value.id, slot.id);
+                }
+            }
             if prev.value.table_id != 0 {
                 self.tables
                     .remove(&prev.value.table_id)
@@ -984,12 +1086,33 @@ impl XdpMaps {
             self.table_ids.release(prev.value.table_id);
         }
         flush.services.insert(prev.value.id);
+        for b in &prev.spec.draining {
+            if let Some(slot) = self.backend_slots.get(&(key, b.addr, b.port)) {
+                self.forget_draining(prev.value.id, slot.id);
+            }
+        }
         self.service_ids.release(prev.value.id);
         self.release_vip(key.addr)?;
         for b in prev.spec.backends.iter().chain(&prev.spec.draining) {
             self.release_backend(key, b.addr, b.port)?;
         }
         Ok(())
+    }
+
+    /// Deletes a draining record. Runs after the service entry changed, so a failure is only
+    /// logged: the next adoption drops records that name no draining backend.
+    fn forget_draining(&mut self, service_id: u32, backend_id: u32) {
+        let marker = DrainingKey {
+            service_id,
+            backend_id,
+        };
+        match self.draining.remove(&marker) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                warn!(service_id, backend_id, error = %e, "could not delete a draining record")
+            }
+        }
     }
 
     /// Deletes the conntrack entries (both directions) of removed services and of backends that
@@ -1190,7 +1313,7 @@ pub struct Maintenance {
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock `bpf_ktime_get_coarse_ns` reads.
-fn coarse_monotonic_ns() -> u64 {
+pub fn coarse_monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -108,6 +108,9 @@ struct BackendEntry {
 pub struct Parsed {
     pub model: Model,
     pub rejections: Vec<Rejection>,
+    /// The file's modification time, when this read saw new content (not for a SIGHUP re-read of
+    /// an unchanged file): the start of its network-programming latency.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// Parses a whole services file. Only a file that is not YAML at all, or not a mapping with a
@@ -357,9 +360,15 @@ pub async fn watch(path: PathBuf, events: mpsc::Sender<SourceEvent>) -> anyhow::
         .with_context(|| format!("cannot watch {}", dir.display()))?;
     let mut hangup = signal(SignalKind::hangup())?;
 
+    let mut last_modified = None;
     loop {
         match load(&path) {
-            Ok(parsed) => {
+            Ok(mut parsed) => {
+                let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                if modified != last_modified {
+                    parsed.modified = modified;
+                    last_modified = modified;
+                }
                 if events.send(SourceEvent::File(parsed)).await.is_err() {
                     return Ok(());
                 }

@@ -450,6 +450,54 @@ impl IpvsDataplane {
     }
 }
 
+/// Whether this kernel has IPVS: the "IPVS" generic netlink family resolves (the ip_vs module is
+/// loaded or built in).
+pub fn probe() -> anyhow::Result<()> {
+    IpvsSocket::open().map(drop)
+}
+
+/// What [`cleanup`] removed.
+#[derive(Debug, Default)]
+pub struct IpvsCleanup {
+    /// The kernel has IPVS at all.
+    pub ipvs_present: bool,
+    pub services_removed: Vec<FrontendKey>,
+    pub vip_iface_removed: bool,
+}
+
+/// Removes everything the IPVS dataplane creates: xlb's services (those whose VIP is on
+/// `vip_iface`, the ownership rule of this module) and the VIP interface itself. Services on
+/// other addresses are left alone.
+pub fn cleanup(vip_iface: &str) -> anyhow::Result<IpvsCleanup> {
+    let mut done = IpvsCleanup::default();
+    let Some(mut vips) = VipInterface::open_existing(vip_iface)? else {
+        done.ipvs_present = probe().is_ok();
+        return Ok(done);
+    };
+    let bound = vips.addresses()?;
+    match IpvsSocket::open() {
+        Ok(mut ipvs) => {
+            done.ipvs_present = true;
+            for service in ipvs.services()? {
+                if !bound.contains(&service.key.addr) {
+                    continue;
+                }
+                match ipvs.write(IpvsMessage::del_service(&service.key)) {
+                    Ok(()) => {}
+                    Err(e) if errno_of(&e) == Some(libc::ESRCH) => {}
+                    Err(e) => return Err(e.context(format!("delete {}", service.key))),
+                }
+                done.services_removed.push(service.key);
+            }
+        }
+        // No IPVS: no services can exist; the interface (and its addresses) still go.
+        Err(e) => debug!("cleanup: no IPVS here: {e:#}"),
+    }
+    vips.delete()?;
+    done.vip_iface_removed = true;
+    Ok(done)
+}
+
 /// Adds the likely cause to a service write the kernel refused with ENOENT: IPVS answers that when
 /// the scheduler's module (ip_vs_<name>) is missing.
 fn scheduler_hint(e: anyhow::Error, svc: &VirtualService, what: &str) -> anyhow::Error {

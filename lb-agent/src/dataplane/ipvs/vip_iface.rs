@@ -94,6 +94,30 @@ impl VipInterface {
         })
     }
 
+    /// Opens the interface `name` if it exists (never creates it).
+    pub fn open_existing(name: &str) -> anyhow::Result<Option<Self>> {
+        let mut conn = NetlinkConn::open(NETLINK_ROUTE, "rtnetlink").context("open rtnetlink")?;
+        match Self::lookup(&mut conn, name) {
+            Ok(index) => Ok(Some(Self {
+                conn,
+                name: name.to_owned(),
+                index,
+            })),
+            Err(e) if errno_of(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e.context(format!("look up interface {name}"))),
+        }
+    }
+
+    /// Deletes the interface, and with it every address on it.
+    pub fn delete(mut self) -> anyhow::Result<()> {
+        let mut link = LinkMessage::default();
+        link.header.index = self.index;
+        self.conn
+            .request(RouteNetlinkMessage::DelLink(link), Expect::Ack, 0)
+            .with_context(|| format!("delete interface {}", self.name))?;
+        Ok(())
+    }
+
     fn lookup(conn: &mut NetlinkConn, name: &str) -> anyhow::Result<u32> {
         conn.request(get_link(name), Expect::Ack, 0)?
             .into_iter()

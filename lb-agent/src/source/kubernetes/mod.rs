@@ -54,6 +54,47 @@ pub struct Snapshot {
     /// Highest resourceVersion among the objects applied so far (resourceVersions are opaque
     /// strings, but every API server in practice uses etcd's increasing revision numbers).
     pub resource_version: String,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of the EndpointSlices that changed since
+    /// the previous snapshot: when the change that made them happened (network-programming
+    /// latency, as kube-proxy measures it).
+    pub change_triggers: Vec<std::time::SystemTime>,
+}
+
+/// The EndpointSlice annotation the endpoint controllers set to the time of the change (a Pod or
+/// Service update) that caused the slice's last update.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Trigger times not seen before: `seen` maps each slice (namespace/name) to the annotation value
+/// of its last snapshot.
+fn new_change_triggers(
+    slices: &[std::sync::Arc<EndpointSlice>],
+    seen: &mut std::collections::HashMap<String, String>,
+) -> Vec<std::time::SystemTime> {
+    let mut now_seen = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for slice in slices {
+        let meta = &slice.metadata;
+        let Some(value) = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+        else {
+            continue;
+        };
+        let id = format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
+        );
+        if seen.get(&id) != Some(value)
+            && let Ok(t) = humantime::parse_rfc3339_weak(value)
+        {
+            out.push(t);
+        }
+        now_seen.insert(id, value.clone());
+    }
+    *seen = now_seen;
+    out
 }
 
 /// Where the API server is.
@@ -250,6 +291,7 @@ pub async fn watch(
     let mut listing_rv: [String; 3] = Default::default();
     let mut dirty = false;
     let mut warned_no_node = false;
+    let mut seen_triggers = std::collections::HashMap::new();
     info!(node = %settings.node_name, "watching services, endpointslices and the node");
     loop {
         let Some(first) = changes.next().await else {
@@ -325,6 +367,7 @@ pub async fn watch(
             model,
             rejections,
             resource_version: resource_version.clone(),
+            change_triggers: new_change_triggers(&slices, &mut seen_triggers),
         };
         if events
             .send(SourceEvent::Kubernetes(snapshot))
@@ -352,6 +395,43 @@ mod tests {
         );
         b.reset();
         assert!(b.next().unwrap() <= FastBackoff::INITIAL);
+    }
+
+    #[test]
+    fn change_triggers_are_reported_once_per_new_value() {
+        use std::{collections::BTreeMap, sync::Arc, time::UNIX_EPOCH};
+        let slice = |name: &str, at: Option<&str>| {
+            Arc::new(EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some("default".into()),
+                    annotations: at.map(|at| {
+                        BTreeMap::from([(LAST_CHANGE_TRIGGER_TIME.to_owned(), at.to_owned())])
+                    }),
+                    ..Default::default()
+                },
+                address_type: "IPv4".into(),
+                endpoints: vec![],
+                ports: None,
+            })
+        };
+        let secs = |t: std::time::SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+        let mut seen = Default::default();
+        let a = slice("a", Some("2026-01-01T00:00:01.5Z"));
+        let b = slice("b", None);
+        let first = new_change_triggers(&[a.clone(), b.clone()], &mut seen);
+        assert_eq!(
+            first.iter().map(|t| secs(*t)).collect::<Vec<_>>(),
+            vec![1767225601.5]
+        );
+        assert!(new_change_triggers(&[a.clone(), b], &mut seen).is_empty());
+        let a2 = slice("a", Some("2026-01-01T00:00:03Z"));
+        let c = slice("c", Some("garbage"));
+        let next = new_change_triggers(&[a2, c], &mut seen);
+        assert_eq!(
+            next.iter().map(|t| secs(*t)).collect::<Vec<_>>(),
+            vec![1767225603.0]
+        );
     }
 
     #[test]
