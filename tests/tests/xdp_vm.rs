@@ -86,7 +86,11 @@ fn ebpf_object(profile: &str) -> Vec<u8> {
         panic!(
             "{}: {e}. Build it with `cargo xtask build-ebpf{}` (`cargo xtask test` builds both)",
             path.display(),
-            if profile == "release" { " --release" } else { "" }
+            if profile == "release" {
+                " --release"
+            } else {
+                ""
+            }
         )
     })
 }
@@ -180,7 +184,10 @@ fn xdp_dataplane_on_debian_12_kernel_in_a_vm() {
         release.starts_with("6.1."),
         "the VM runs Debian 12's 6.1 kernel, not {release}"
     );
-    assert!(body("ip-version").contains("iproute2"), "/bin/ip is iproute2");
+    assert!(
+        body("ip-version").contains("iproute2"),
+        "/bin/ip is iproute2"
+    );
 
     // 1. Both objects load through this verifier and handle packets as on the host.
     for profile in ["debug", "release"] {

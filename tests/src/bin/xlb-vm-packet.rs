@@ -66,7 +66,10 @@ const CHECKS: &[Check] = &[
     ("new-flow-dnat", |h| {
         let client = (CLIENT, 40000);
         let out = h.run(&syn(client, (VIP, 80)));
-        assert_eq!(out.action, XDP_PASS, "no route in the namespace: to the stack");
+        assert_eq!(
+            out.action, XDP_PASS,
+            "no route in the namespace: to the stack"
+        );
         let d = decode_checked(&out.frame);
         let backends: Vec<Backend> = BACKENDS
             .iter()
