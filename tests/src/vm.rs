@@ -1,10 +1,12 @@
-//! A throwaway VM for tests that need a kernel feature the host lacks (IPVS): Debian's kernel and
-//! userland pieces fetched with `apt-get download`, an initramfs built here around a test's
-//! `/init` script, and qemu with TCG (no KVM on these hosts). The script reports on a second
-//! serial port, which the host reads once the VM has powered off.
+//! A throwaway VM for tests that need a kernel the host does not run (one with IPVS, or the older
+//! verifier the XDP program must also pass): Debian's kernel and userland pieces fetched with
+//! `apt-get download`, an initramfs built here around a test's `/init` script, and qemu with TCG
+//! (no KVM on these hosts). The script reports on a second serial port, which the host reads once
+//! the VM has powered off.
 //!
-//! Everything comes from Debian packages or from this repository (the agent); downloads and
-//! unpacked files are cached under `target/vm-cache/`. Any missing piece fails loudly.
+//! Everything comes from Debian packages or from this repository (static builds of the agent and
+//! of test suites); downloads and unpacked files are cached under `target/vm-cache/`. Any missing
+//! piece fails loudly.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -491,9 +493,8 @@ pub fn boot(
 }
 
 /// A statically linked (musl) binary of this workspace for the VM: the path in `env_var` (which
-/// `cargo xtask test` sets), else the musl debug build of `name`, without its debug info (debug
-/// builds are ~200 MB, most of it DWARF; the initramfs unpacks into the VM's memory). Fails
-/// loudly, naming the build command, when it is missing.
+/// `cargo xtask test` sets), else the musl debug build of `name`, without its debug info (see
+/// [`stripped`]). Fails loudly, naming the build command, when it is missing.
 pub fn static_binary(env_var: &str, package: &str, name: &str) -> anyhow::Result<Vec<u8>> {
     let path = std::env::var_os(env_var)
         .map(PathBuf::from)
@@ -509,18 +510,25 @@ pub fn static_binary(env_var: &str, package: &str, name: &str) -> anyhow::Result
             path.display()
         );
     }
-    let stripped = cache_dir().join(format!("{name}-{}.stripped", std::process::id()));
+    stripped(&path)
+}
+
+/// An executable without its debug info: debug builds are 150-200 MB, most of it DWARF, and the
+/// initramfs unpacks into the VM's memory.
+pub fn stripped(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let name = path.file_name().context("a file path")?.to_string_lossy();
+    let out = cache_dir().join(format!("{name}-{}.stripped", std::process::id()));
     fs::create_dir_all(cache_dir())?;
     output(
         Command::new("strip")
             .arg("--strip-debug")
             .arg("-o")
-            .arg(&stripped)
-            .arg(&path),
+            .arg(&out)
+            .arg(path),
     )
     .context("strip (Debian's binutils) removes the debug info")?;
-    let data = fs::read(&stripped);
-    let _ = fs::remove_file(&stripped);
+    let data = fs::read(&out);
+    let _ = fs::remove_file(&out);
     Ok(data?)
 }
 
