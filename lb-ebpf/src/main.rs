@@ -142,9 +142,11 @@ fn flow(ctx: &XdpContext, packet: &Packet, config: &Config) -> u32 {
     // What a subprogram branches on (the L4 protocol, the L3 offset that says whether there is a
     // VLAN tag) goes in argument registers, never only through `packet`, a pointer into this
     // frame: the 6.1 verifier stops tracking a value's precision at a load through a pointer
-    // other than the frame pointer, so it pruned, say, the UDP path into a subprogram as
-    // equivalent to the TCP path it had already checked, never saw the UDP branch taken there,
-    // and removed it as dead code. Register arguments are tracked across the call.
+    // other than the frame pointer. It pruned the untagged path into `no_backend` as equivalent
+    // to the VLAN-tagged one it had already checked, never saw the untagged branch taken there
+    // and removed it as dead code, so untagged UDP got a garbled ICMP error (and the protocol
+    // could be taken for a constant the same way). Register arguments are tracked across the
+    // call.
     match new_flow(ctx, packet, service, now, packet.key.proto) {
         NEW_FLOW_FORWARD => forward::forward(ctx, packet.l3_off, packet.key.proto),
         NEW_FLOW_NO_BACKEND => no_backend(ctx, packet, service, packet.l3_off, packet.key.proto),

@@ -96,7 +96,8 @@ fn round_robin(service_id: u32, table: &SchedTable) -> Option<usize> {
 /// call, and the loop starts at the second with a best-so-far read from the maps, which the
 /// verifier cannot predict: it checks both outcomes. (It also loses track of values the
 /// callback reads through its context pointer, so `WEIGHTED` is a separate callback rather
-/// than a field it branches on.) Newer kernels check callbacks until their state converges.
+/// than a field it branches on, which it could take for a constant the same way.) Newer
+/// kernels check callbacks until their state converges.
 #[inline(always)]
 fn least_conn<const WEIGHTED: bool>(table: &SchedTable) -> Option<u32> {
     let mut scan = LeastConnScan {
