@@ -107,7 +107,7 @@ fn packet_suites() -> Vec<(String, String)> {
         panic!(
             "XLB_VM_PACKET_SUITES is not set: it lists the packet suites built for \
              x86_64-unknown-linux-musl as name=path lines. Run this test through \
-             `cargo xtask test` (e.g. `cargo xtask test -- --test xdp_vm`)"
+             `cargo xtask test` (alone: `cargo xtask test -- xdp_dataplane_on_debian`)"
         )
     });
     let suites: Vec<(String, String)> = list
