@@ -4,15 +4,11 @@
 //! destination, an unresolved neighbour, no route, forwarding disabled — goes to the kernel
 //! stack, which handles it (and resolves the neighbour for the next packets).
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, bpf_fib_lookup__bindgen_ty_1,
-        bpf_fib_lookup__bindgen_ty_2, bpf_fib_lookup__bindgen_ty_3, bpf_fib_lookup__bindgen_ty_4,
-        bpf_fib_lookup__bindgen_ty_5, xdp_action,
-    },
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
@@ -25,7 +21,13 @@ const AF_INET: u8 = 2;
 
 /// Forwards a packet whose headers are final: its IPv4 header is at `l3_off`, carrying
 /// `l4_proto`.
-#[inline(always)]
+///
+/// A BPF subprogram with its own stack frame (the FIB lookup parameters alone are 64 bytes):
+/// inlined at its three call sites, it made the callers' frames so large that the 6.1 verifier,
+/// which rounds every frame of a call chain up to 32 bytes, counted more than the 512 bytes a
+/// chain may use (xlb_xdp -> new_flow -> memset, xlb_xdp -> no_backend). Newer kernels round
+/// to 16 bytes when the program is JITed, which is why they accepted the inlined version.
+#[inline(never)]
 pub fn forward(ctx: &XdpContext, l3_off: usize, l4_proto: u8) -> u32 {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
         return xdp_action::XDP_PASS;
@@ -39,39 +41,20 @@ pub fn forward(ctx: &XdpContext, l3_off: usize, l4_proto: u8) -> u32 {
             u16::from_be_bytes((*ip).tot_len),
         )
     };
-    // Every byte written explicitly (unions through their widest member): `mem::zeroed()` would
-    // become a call to a byte-looping memset that the verifier walks on every path.
-    let mut params = bpf_fib_lookup {
-        family: AF_INET,
-        l4_protocol: l4_proto,
-        sport: 0,
-        dport: 0,
-        __bindgen_anon_1: bpf_fib_lookup__bindgen_ty_1 { tot_len },
-        ifindex: ctx.ingress_ifindex() as u32,
-        // tos is the first byte of this 4-byte union (little-endian BPF).
-        __bindgen_anon_2: bpf_fib_lookup__bindgen_ty_2 {
-            flowinfo: tos as u32,
-        },
-        __bindgen_anon_3: bpf_fib_lookup__bindgen_ty_3 {
-            ipv6_src: [u32::from_ne_bytes(src), 0, 0, 0],
-        },
-        __bindgen_anon_4: bpf_fib_lookup__bindgen_ty_4 {
-            ipv6_dst: [u32::from_ne_bytes(dst), 0, 0, 0],
-        },
-        __bindgen_anon_5: bpf_fib_lookup__bindgen_ty_5 { tbid: 0 },
-        smac: [0; 6],
-        dmac: [0; 6],
-    };
+    let mut slot = MaybeUninit::uninit();
+    let params = zeroed_params(&mut slot);
+    // Only the IPv4 fields; everything else stays zero. (The unions' IPv4 members are their
+    // first bytes: the rest of each union stays zero too.)
+    params.family = AF_INET;
+    params.l4_protocol = l4_proto;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_2.tos = tos;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
 
     // SAFETY: params is a valid bpf_fib_lookup of the size passed.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut params,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 || !nat::decrement_ttl(ctx, l3_off) {
         stats::global(|s| s.fib_to_stack += 1);
         return xdp_action::XDP_PASS;
@@ -91,4 +74,29 @@ pub fn forward(ctx: &XdpContext, l3_off: usize, l4_proto: u8) -> u32 {
     }
     // SAFETY: plain helper call.
     unsafe { bpf_redirect(params.ifindex, 0) as u32 }
+}
+
+/// `bpf_fib_lookup` on an 8-byte aligned stack slot.
+#[repr(C, align(8))]
+struct Params(bpf_fib_lookup);
+
+/// Zeroes `slot` with eight 8-byte stores and returns it as FIB lookup parameters. Volatile, so
+/// LLVM cannot merge them (or `mem::zeroed()`, or zero-filled array fields) into a call to
+/// `memset`: that BPF call clobbers registers, so the caller's values spill around it, and those
+/// spills grew this frame to 168 bytes, too much for the 6.1 verifier's 512 bytes per call chain
+/// (it rounds every frame up to 32 bytes; newer kernels to 16 when JITing).
+#[inline(always)]
+fn zeroed_params(slot: &mut MaybeUninit<Params>) -> &mut bpf_fib_lookup {
+    const WORDS: usize = size_of::<bpf_fib_lookup>() / 8;
+    const _: () = assert!(size_of::<Params>() == WORDS * 8);
+    let words = slot.as_mut_ptr() as *mut u64;
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: `i < WORDS` words of an 8-byte aligned value of exactly that size.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        i += 1;
+    }
+    // SAFETY: every byte was written; all-zero is a valid bpf_fib_lookup (integers and unions of
+    // integers).
+    unsafe { &mut slot.assume_init_mut().0 }
 }

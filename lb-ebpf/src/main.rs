@@ -113,7 +113,16 @@ fn flow(ctx: &XdpContext, packet: &Packet, config: &Config) -> u32 {
             });
             Side::Destination
         };
-        if nat::rewrite(ctx, packet, side, &flow.nat_addr, flow.nat_port).is_none() {
+        if nat::rewrite(
+            ctx,
+            packet,
+            packet.key.proto,
+            side,
+            &flow.nat_addr,
+            flow.nat_port,
+        )
+        .is_none()
+        {
             return xdp_action::XDP_PASS;
         }
         return forward::forward(ctx, packet.l3_off, packet.key.proto);
@@ -130,9 +139,18 @@ fn flow(ctx: &XdpContext, packet: &Packet, config: &Config) -> u32 {
     // The new-flow and refusal paths run as BPF subprograms with their own stack frames, and
     // forwarding happens back here, so no call chain stacks two large frames (the verifier caps
     // a chain at 512 bytes).
-    match new_flow(ctx, packet, service, now) {
+    //
+    // What a subprogram branches on (the L4 protocol, the L3 offset that says whether there is a
+    // VLAN tag) goes in argument registers, never only through `packet`, a pointer into this
+    // frame: the 6.1 verifier stops tracking a value's precision at a load through a pointer
+    // other than the frame pointer. It pruned the untagged path into `no_backend` as equivalent
+    // to the VLAN-tagged one it had already checked, never saw the untagged branch taken there
+    // and removed it as dead code, so untagged UDP got a garbled ICMP error (and the protocol
+    // could be taken for a constant the same way). Register arguments are tracked across the
+    // call.
+    match new_flow(ctx, packet, service, now, packet.key.proto) {
         NEW_FLOW_FORWARD => forward::forward(ctx, packet.l3_off, packet.key.proto),
-        NEW_FLOW_NO_BACKEND => no_backend(ctx, packet, service),
+        NEW_FLOW_NO_BACKEND => no_backend(ctx, packet, service, packet.l3_off, packet.key.proto),
         action => action,
     }
 }
@@ -145,9 +163,16 @@ const NEW_FLOW_FORWARD: u32 = u32::MAX;
 const NEW_FLOW_NO_BACKEND: u32 = u32::MAX - 1;
 
 /// Picks a backend (affinity first, then the scheduler), tracks the flow and rewrites its first
-/// packet. Returns an XDP action, or one of the `NEW_FLOW_*` codes.
+/// packet. Returns an XDP action, or one of the `NEW_FLOW_*` codes. `l4_proto` is
+/// `packet.key.proto`, in a register for the verifier (see [`flow`]).
 #[inline(never)]
-fn new_flow(ctx: &XdpContext, packet: &Packet, service: &ServiceValue, now: u64) -> u32 {
+fn new_flow(
+    ctx: &XdpContext,
+    packet: &Packet,
+    service: &ServiceValue,
+    now: u64,
+    l4_proto: u8,
+) -> u32 {
     let (src, family) = (&packet.key.src_addr, packet.key.family);
     let sticky = service.flags & SERVICE_F_AFFINITY != 0;
     let pinned = if sticky {
@@ -188,25 +213,39 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, service: &ServiceValue, now: u64)
     }
     stats::global(|s| s.ct_misses += 1);
     stats::service(service.id, |s| s.new_flows += 1);
-    match nat::rewrite(ctx, packet, Side::Destination, &backend.addr, backend.port) {
+    match nat::rewrite(
+        ctx,
+        packet,
+        l4_proto,
+        Side::Destination,
+        &backend.addr,
+        backend.port,
+    ) {
         Some(()) => NEW_FLOW_FORWARD,
         None => xdp_action::XDP_PASS,
     }
 }
 
 /// A frontend without a usable backend: refuse (TCP RST, ICMP port unreachable), or drop where
-/// Kubernetes drops (a Local traffic policy with no local endpoint).
+/// Kubernetes drops (a Local traffic policy with no local endpoint). `l3_off` and `l4_proto` are
+/// `packet.l3_off` and `packet.key.proto`, in registers for the verifier (see [`flow`]).
 #[inline(never)]
-fn no_backend(ctx: &XdpContext, packet: &Packet, service: &ServiceValue) -> u32 {
+fn no_backend(
+    ctx: &XdpContext,
+    packet: &Packet,
+    service: &ServiceValue,
+    l3_off: usize,
+    l4_proto: u8,
+) -> u32 {
     stats::global(|s| s.no_backend += 1);
     stats::service(service.id, |s| s.no_backend += 1);
     if service.flags & SERVICE_F_DROP_NO_BACKEND != 0 {
         return xdp_action::XDP_DROP;
     }
-    let action = if packet.key.proto == proto::TCP {
-        reject::tcp_reset(ctx, packet)
+    let action = if l4_proto == proto::TCP {
+        reject::tcp_reset(ctx, packet, l3_off)
     } else {
-        reject::udp_unreachable(ctx, packet)
+        reject::udp_unreachable(ctx, packet, l3_off)
     };
     if action == xdp_action::XDP_TX {
         stats::global(|s| s.rejected += 1);

@@ -27,16 +27,19 @@ enum L4 {
 
 /// Rewrites one side's IPv4 address and L4 port. Every header pointer is obtained before the
 /// first write, so the frame is either fully rewritten or (`None`) not touched at all.
+/// `l4_proto` is `packet.key.proto`, passed apart so a BPF subprogram can use the copy in its
+/// argument register (see `flow` in main.rs).
 #[inline(always)]
 pub fn rewrite(
     ctx: &XdpContext,
     packet: &Packet,
+    l4_proto: u8,
     side: Side,
     addr: &WireAddr,
     port: u16,
 ) -> Option<()> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, packet.l3_off)?;
-    let l4 = match packet.key.proto {
+    let l4 = match l4_proto {
         proto::TCP => L4::Tcp(ptr_at(ctx, packet.l4_off)?),
         proto::UDP => L4::Udp(ptr_at(ctx, packet.l4_off)?),
         _ => return None,

@@ -115,7 +115,12 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Skip> {
     }
     let ip_hdr_len = (ihl as usize) * 4;
     // The IP datagram must fit in the frame (Ethernet padding may follow it) and hold its header.
-    if tot_len < ip_hdr_len || ctx.data() + l3_off + tot_len > ctx.data_end() {
+    // Compared as lengths, never as `data + l3_off + tot_len > data_end`: LLVM reads the
+    // big-endian field with a byte swap, after which the 6.1 verifier knows nothing of its range
+    // ("math between pkt pointer and register with unbounded min value"); scalars compare fine.
+    // `l3_off` (at most 18) is below the frame length: the IPv4 header is inside the frame.
+    let frame_len = ctx.data_end() - ctx.data();
+    if tot_len < ip_hdr_len || tot_len > frame_len - l3_off {
         return Err(Skip::Malformed);
     }
     if frags & IPV4_MF_AND_OFFSET != 0 {

@@ -84,10 +84,11 @@ fn truncate(ctx: &XdpContext, len: usize) -> Option<()> {
 /// Answers a TCP segment with a RST (RFC 793 "Reset Generation"): if the segment carried an
 /// ACK, the RST takes its sequence number from it; otherwise the RST has sequence 0 and
 /// acknowledges everything the segment occupied. A RST is never answered, and segments with IP
-/// options are dropped instead (the program does not reflect options).
+/// options are dropped instead (the program does not reflect options). `l3_off` is
+/// `packet.l3_off`, in a register for the verifier (see `flow` in main.rs).
 #[inline(always)]
-pub fn tcp_reset(ctx: &XdpContext, packet: &Packet) -> u32 {
-    if packet.tcp_flags & TCP_RST != 0 || packet.l4_off != packet.l3_off + IPV4_HDR_LEN {
+pub fn tcp_reset(ctx: &XdpContext, packet: &Packet, l3_off: usize) -> u32 {
+    if packet.tcp_flags & TCP_RST != 0 || packet.l4_off != l3_off + IPV4_HDR_LEN {
         return xdp_action::XDP_DROP;
     }
     match build_tcp_reset(ctx, packet) {
@@ -159,13 +160,14 @@ fn build_tcp_reset(ctx: &XdpContext, packet: &Packet) -> Option<()> {
 
 /// Answers a UDP datagram with ICMP port unreachable, quoting its IP header and first 8 bytes.
 /// The frame grows at the front by the new IP and ICMP headers; the L2 header (with its VLAN tag,
-/// if any) moves to the new start. Datagrams with IP options are dropped instead.
+/// if any) moves to the new start. Datagrams with IP options are dropped instead. `l3_off` is
+/// `packet.l3_off`, in a register for the verifier (see `flow` in main.rs).
 #[inline(always)]
-pub fn udp_unreachable(ctx: &XdpContext, packet: &Packet) -> u32 {
-    if packet.l4_off != packet.l3_off + IPV4_HDR_LEN {
+pub fn udp_unreachable(ctx: &XdpContext, packet: &Packet, l3_off: usize) -> u32 {
+    if packet.l4_off != l3_off + IPV4_HDR_LEN {
         return xdp_action::XDP_DROP;
     }
-    let vlan = packet.l3_off != EthHdr::LEN;
+    let vlan = l3_off != EthHdr::LEN;
     let built = if vlan {
         build_udp_unreachable::<{ EthHdr::LEN + VlanHdr::LEN }>(ctx)
     } else {

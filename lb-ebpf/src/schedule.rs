@@ -46,8 +46,8 @@ pub fn pick(service: &ServiceValue, packet: &Packet) -> Option<Pick> {
             MAGLEV_TABLE_SIZE,
         )?,
         Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => round_robin(service.id, table)?,
-        Scheduler::LeastConn => return backend(least_conn(table, false)?),
-        Scheduler::WeightedLeastConn => return backend(least_conn(table, true)?),
+        Scheduler::LeastConn => return backend(least_conn::<false>(table)?),
+        Scheduler::WeightedLeastConn => return backend(least_conn::<true>(table)?),
     };
     if slot >= table.len as usize {
         return None;
@@ -82,29 +82,42 @@ fn round_robin(service_id: u32, table: &SchedTable) -> Option<usize> {
     Some(slot)
 }
 
-/// The id of the backend with the fewest active flows (`weighted`: fewest per unit of weight;
+/// The id of the backend with the fewest active flows (`WEIGHTED`: fewest per unit of weight;
 /// `a/wa < b/wb` is compared as `a*wb < b*wa`, as IPVS does, to stay in integers); ties go to
 /// the first.
 ///
 /// The scan runs under `bpf_loop`, so the verifier checks one iteration once instead of
 /// unrolling up to [`LEAST_CONN_MAX_BACKENDS`] iterations times every branch in them.
+///
+/// Older verifiers (6.1) check a `bpf_loop` callback once, in the state of its first call, and
+/// then delete as dead code every branch that check never took. Started from the constant
+/// "nothing yet" state, the comparison with the best so far was always decided the same way,
+/// was removed, and every scan picked the last backend. So the first slot is scanned by a plain
+/// call, and the loop starts at the second with a best-so-far read from the maps, which the
+/// verifier cannot predict: it checks both outcomes. (It also loses track of values the
+/// callback reads through its context pointer, so `WEIGHTED` is a separate callback rather
+/// than a field it branches on, which it could take for a constant the same way.) Newer
+/// kernels check callbacks until their state converges.
 #[inline(always)]
-fn least_conn(table: &SchedTable, weighted: bool) -> Option<u32> {
+fn least_conn<const WEIGHTED: bool>(table: &SchedTable) -> Option<u32> {
     let mut scan = LeastConnScan {
         table: table as *const SchedTable,
         len: table.len,
-        weighted: weighted as u32,
+        first_slot: 0,
         best_id: 0,
         best_conns: 0,
         best_weight: 0,
     };
+    let ctx = &mut scan as *mut LeastConnScan as *mut c_void;
+    least_conn_step::<WEIGHTED>(0, ctx);
+    scan.first_slot = 1;
     // SAFETY: the callback only reads `scan` (on this stack frame) and the table, both live for
     // the whole call.
     unsafe {
         bpf_loop(
-            LEAST_CONN_MAX_BACKENDS,
-            least_conn_step as *mut c_void,
-            &mut scan as *mut LeastConnScan as *mut c_void,
+            LEAST_CONN_MAX_BACKENDS - 1,
+            least_conn_step::<WEIGHTED> as *mut c_void,
+            ctx,
             0,
         )
     };
@@ -116,19 +129,23 @@ fn least_conn(table: &SchedTable, weighted: bool) -> Option<u32> {
 struct LeastConnScan {
     table: *const SchedTable,
     len: u32,
-    weighted: u32,
+    /// The slot of the callback's index 0.
+    first_slot: u32,
     /// Backend ids start at 1, so 0 means "none yet".
     best_id: u32,
     best_conns: u64,
     best_weight: u64,
 }
 
-/// One step of the scan: looks at slot `index`. Returns 1 to stop, 0 to go on.
+/// One step of the scan: looks at slot `first_slot + index`. Returns 1 to stop, 0 to go on.
 #[inline(never)]
-extern "C" fn least_conn_step(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `LeastConnScan` passed to bpf_loop by `least_conn`.
+extern "C" fn least_conn_step<const WEIGHTED: bool>(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `LeastConnScan` of `least_conn`.
     let scan = unsafe { &mut *(ctx as *mut LeastConnScan) };
-    let Some(slot) = verifier_bounded(index as u32, MAGLEV_TABLE_SIZE) else {
+    let Some(slot) = verifier_bounded(
+        (index as u32).wrapping_add(scan.first_slot),
+        MAGLEV_TABLE_SIZE,
+    ) else {
         return 1;
     };
     if slot >= scan.len as usize {
@@ -147,7 +164,7 @@ extern "C" fn least_conn_step(index: u64, ctx: *mut c_void) -> i64 {
     // Read as signed: a close racing the agent's recount may take a count below zero for a
     // moment, which means "idle", not "2^64 flows".
     let conns = (raw as i64).max(0) as u64;
-    let weight = if scan.weighted != 0 {
+    let weight = if WEIGHTED {
         match xlb_backends.get(id) {
             Some(b) if b.weight > 0 => b.weight as u64,
             _ => return 0,

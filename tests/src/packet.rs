@@ -23,6 +23,10 @@ pub const XDP_REDIRECT: u32 = 4;
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
+/// Environment variable naming an lb-ebpf object for [`Harness`] to load instead of the one the
+/// agent embeds.
+pub const OBJECT_ENV: &str = "XLB_TEST_EBPF_OBJECT";
+
 /// A loaded program with private (unpinned) maps, in a private network namespace.
 pub struct Harness {
     pub dataplane: XdpDataplane,
@@ -51,9 +55,15 @@ impl Harness {
         })
     }
 
-    pub fn with_options(opts: LoadOptions) -> Self {
+    /// Loads with `opts`. Unless they name an object, `XLB_TEST_EBPF_OBJECT` (a path) picks
+    /// one instead of the embedded object: the VM test runs these suites on the release object
+    /// too.
+    pub fn with_options(mut opts: LoadOptions) -> Self {
         require_privileges();
         isolate_thread().expect("private network namespace");
+        if opts.object.is_none() {
+            opts.object = std::env::var_os(OBJECT_ENV).map(Into::into);
+        }
         let dataplane = XdpDataplane::load(&opts).expect("load the XDP program");
         Self { dataplane }
     }

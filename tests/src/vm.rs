@@ -1,10 +1,12 @@
-//! A throwaway VM for tests that need a kernel feature the host lacks (IPVS): Debian's kernel and
-//! userland pieces fetched with `apt-get download`, an initramfs built here around a test's
-//! `/init` script, and qemu with TCG (no KVM on these hosts). The script reports on a second
-//! serial port, which the host reads once the VM has powered off.
+//! A throwaway VM for tests that need a kernel the host does not run (one with IPVS, or the older
+//! verifier the XDP program must also pass): Debian's kernel and userland pieces fetched with
+//! `apt-get download`, an initramfs built here around a test's `/init` script, and qemu with TCG
+//! (no KVM on these hosts). The script reports on a second serial port, which the host reads once
+//! the VM has powered off.
 //!
-//! Everything comes from Debian packages or from this repository (the agent); downloads and
-//! unpacked files are cached under `target/vm-cache/`. Any missing piece fails loudly.
+//! Everything comes from Debian packages or from this repository (static builds of the agent and
+//! of test suites); downloads and unpacked files are cached under `target/vm-cache/`. Any missing
+//! piece fails loudly.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -118,7 +120,14 @@ impl DebianTree {
     /// Unpacks `package` (only the members matching `patterns`, tar wildcards, if any) into the
     /// tree, once.
     pub fn unpack(&self, package: &str, patterns: &[&str]) -> anyhow::Result<()> {
-        let stamp = self.root.join(format!(".unpacked-{package}"));
+        // The stamp names the patterns too: a cache unpacked with fewer of them (an older
+        // harness) is completed instead of trusted.
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(patterns, &mut hasher);
+        let stamp = self.root.join(format!(
+            ".unpacked-{package}-{:016x}",
+            std::hash::Hasher::finish(&hasher)
+        ));
         if stamp.exists() {
             return Ok(());
         }
@@ -168,8 +177,8 @@ pub struct Kernel {
 impl Kernel {
     pub fn fetch(tree: &DebianTree) -> anyhow::Result<Self> {
         let package = tree.resolve("linux-image-amd64", "linux-image-")?;
-        // Only what a netfilter/IPVS test loads: the image and a few module folders (the whole
-        // package unpacks to ~400 MB).
+        // Only what the VM tests load: the image, a few module folders for netfilter/IPVS and
+        // the dummy and veth drivers (the whole package unpacks to ~400 MB).
         tree.unpack(
             &package,
             &[
@@ -178,6 +187,7 @@ impl Kernel {
                 "./lib/modules/*/kernel/lib/*",
                 "./lib/modules/*/kernel/crypto/*",
                 "./lib/modules/*/kernel/drivers/net/dummy.ko",
+                "./lib/modules/*/kernel/drivers/net/veth.ko",
             ],
         )?;
         let version = package
@@ -480,6 +490,74 @@ pub fn boot(
         report: fs::read_to_string(&report).unwrap_or_default(),
         elapsed,
     })
+}
+
+/// A statically linked (musl) binary of this workspace for the VM: the path in `env_var` (which
+/// `cargo xtask test` sets), else the musl debug build of `name`, without its debug info (see
+/// [`stripped`]). Fails loudly, naming the build command, when it is missing.
+pub fn static_binary(env_var: &str, package: &str, name: &str) -> anyhow::Result<Vec<u8>> {
+    let path = std::env::var_os(env_var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/x86_64-unknown-linux-musl/debug")
+                .join(name)
+        });
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build -p {package} --bin {name} --target \
+             x86_64-unknown-linux-musl` (`cargo xtask test` does, and sets {env_var})",
+            path.display()
+        );
+    }
+    stripped(&path)
+}
+
+/// An executable without its debug info: debug builds are 150-200 MB, most of it DWARF, and the
+/// initramfs unpacks into the VM's memory.
+pub fn stripped(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let name = path.file_name().context("a file path")?.to_string_lossy();
+    let out = cache_dir().join(format!("{name}-{}.stripped", std::process::id()));
+    fs::create_dir_all(cache_dir())?;
+    output(
+        Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&out)
+            .arg(path),
+    )
+    .context("strip (Debian's binutils) removes the debug info")?;
+    let data = fs::read(&out);
+    let _ = fs::remove_file(&out);
+    Ok(data?)
+}
+
+/// The statically linked agent (`XLB_AGENT_STATIC_BIN`).
+pub fn static_agent() -> anyhow::Result<Vec<u8>> {
+    static_binary("XLB_AGENT_STATIC_BIN", "lb-agent", "lb-agent")
+}
+
+/// A VM report's sections by name: (body, exit code of the command). A script writes them with
+/// `=== BEGIN name`, the command's output, `=== END name rc=N` (see the `section` shell function
+/// of the VM tests).
+pub fn sections(report: &str) -> BTreeMap<String, (String, String)> {
+    let mut out = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in report.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(name) = line.strip_prefix("=== BEGIN ") {
+            current = Some((name.to_owned(), String::new()));
+        } else if let Some(rest) = line.strip_prefix("=== END ") {
+            let (name, body) = current.take().expect("END without BEGIN");
+            let rc = rest.rsplit("rc=").next().unwrap_or_default().to_owned();
+            assert!(rest.starts_with(&name), "END {rest} closes BEGIN {name}");
+            out.insert(name, (body, rc));
+        } else if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    out
 }
 
 #[cfg(test)]

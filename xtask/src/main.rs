@@ -35,7 +35,8 @@ enum Cmd {
         release: bool,
     },
     /// Everything CI checks: fmt, clippy, unit tests, packet tests, the privileged
-    /// end-to-end tests and the IPVS test in a qemu VM (needs root).
+    /// end-to-end tests, and the qemu VM tests: IPVS, and XDP on Debian 12's 6.1 kernel
+    /// (needs root).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -166,7 +167,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    // The IPVS test boots a VM around a statically linked agent.
+    // The VM tests boot a VM around a statically linked agent; the XDP one also runs the packet
+    // suites, built statically, on the VM's older kernel.
     run(&mut cargo(&[
         "build",
         "--package",
@@ -174,6 +176,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         "--target",
         setup::STATIC_TARGET,
     ]))?;
+    let suites = static_packet_suites()?;
     let agent = workspace_root().join("target/debug/lb-agent");
     let static_agent = workspace_root()
         .join("target")
@@ -182,11 +185,57 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let mut cmd = cargo(&["test", "--workspace", "--no-fail-fast"]);
     cmd.env("XLB_AGENT_BIN", &agent)
         .env("XLB_AGENT_STATIC_BIN", &static_agent)
-        .env("XLB_EBPF_OBJECT_PATH", ebpf_object(false));
+        .env("XLB_EBPF_OBJECT_PATH", ebpf_object(false))
+        .env("XLB_VM_PACKET_SUITES", suites);
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
     run(&mut cmd)
+}
+
+/// Builds the packet test suites (`tests/tests/packet_*.rs`) statically and returns them as
+/// `name=path` lines, for the XDP VM test to run inside the VM.
+fn static_packet_suites() -> anyhow::Result<String> {
+    let out = cargo(&[
+        "test",
+        "--package",
+        "xlb-tests",
+        "--target",
+        setup::STATIC_TARGET,
+        "--no-run",
+        "--test",
+        "packet_*",
+        "--message-format=json",
+    ])
+    .stderr(std::process::Stdio::inherit())
+    .output()
+    .context("could not start cargo test --no-run for the static packet suites")?;
+    if !out.status.success() {
+        bail!(
+            "building the static packet suites failed with {}",
+            out.status
+        );
+    }
+    let mut suites = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        else {
+            continue;
+        };
+        if name.starts_with("packet_") {
+            suites.push(format!("{name}={exe}"));
+        }
+    }
+    if suites.is_empty() {
+        bail!(
+            "cargo built no packet_* test suite for {}",
+            setup::STATIC_TARGET
+        );
+    }
+    Ok(suites.join("\n"))
 }
 
 fn demo() -> anyhow::Result<()> {

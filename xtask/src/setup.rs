@@ -13,8 +13,9 @@ use crate::run;
 /// Debian packages the build, the tests and the demo use.
 /// bpftool: map dumps; iproute2: namespaces, veth, addresses; iputils-ping: ping through VIPs;
 /// ethtool: veth GRO for XDP_REDIRECT into veth peers; iptables: the bench baseline;
-/// qemu-system-x86: the VM of the IPVS test (the host kernel has no IPVS; the VM's kernel,
-/// busybox and ipvsadm are fetched by the test itself with `apt-get download`).
+/// qemu-system-x86: the VM tests (the host kernel has no IPVS, and the XDP program must also
+/// pass Debian 12's older verifier; the VM's kernel, busybox, ipvsadm and iproute2 are fetched by
+/// the tests themselves with `apt-get download`).
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -27,7 +28,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "musl-tools",
 ];
 
-/// Target of the statically linked agent that runs inside the IPVS test's VM.
+/// Target of the statically linked agent and packet suites that run inside the VM tests.
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// bpf-linker release known to build against nightly's LLVM.
@@ -83,11 +84,11 @@ fn rust_src() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The musl target of the stable toolchain, for the static agent the IPVS VM test boots.
+/// The musl target of the stable toolchain, for the static binaries the VM tests boot.
 fn static_target() -> anyhow::Result<()> {
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if !installed.lines().any(|l| l.trim() == STATIC_TARGET) {
-        println!("setup: adding the {STATIC_TARGET} target (static agent for the IPVS VM test)");
+        println!("setup: adding the {STATIC_TARGET} target (static binaries for the VM tests)");
         run(Command::new("rustup").args(["target", "add", STATIC_TARGET]))?;
     }
     Ok(())
