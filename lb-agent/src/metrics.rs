@@ -287,12 +287,15 @@ impl Collector for DataplaneCollector {
                 return Ok(());
             }
         };
-        Self::gauge(
-            &mut encoder,
-            "xlb_conntrack_entries",
-            "Entries in the XDP conntrack map (two per flow: forward and reply)",
-            maps.flow_count() as i64,
-        )?;
+        match maps.flow_count() {
+            Ok(entries) => Self::gauge(
+                &mut encoder,
+                "xlb_conntrack_entries",
+                "Entries in the XDP conntrack map (two per flow: forward and reply)",
+                entries as i64,
+            )?,
+            Err(e) => debug!("metrics: cannot count conntrack entries: {e:#}"),
+        }
         Self::gauge(
             &mut encoder,
             "xlb_conntrack_capacity",

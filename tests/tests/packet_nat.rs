@@ -95,7 +95,7 @@ fn new_flow_is_dnated_to_the_maglev_backend_with_valid_checksums() {
     let g = h.dataplane.maps.global_stats().unwrap();
     assert_eq!(g.ct_misses, 5);
     assert_eq!(
-        h.dataplane.maps.flows().len(),
+        h.dataplane.maps.flows().unwrap().len(),
         10,
         "forward and reply entry per flow"
     );
@@ -329,6 +329,7 @@ fn fin_makes_a_flow_expire_after_the_closing_timeout() {
         .dataplane
         .maps
         .flows()
+        .unwrap()
         .into_iter()
         .filter(|(_, v)| v.flags & FLOW_F_CLOSING != 0)
         .collect();
@@ -416,6 +417,7 @@ fn removing_a_backend_deletes_its_flows_and_moves_them_to_live_backends() {
         h.dataplane
             .maps
             .flows()
+            .unwrap()
             .iter()
             .all(|(_, v)| !(v.backend_id == gone_id && v.service_id == value.id)),
         "no conntrack entry of the removed backend survives"

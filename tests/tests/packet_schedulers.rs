@@ -186,7 +186,7 @@ fn lc_counts_stay_honest_under_lru_eviction() {
         counted_before, 300,
         "the program counted every flow it opened"
     );
-    let flows = h.dataplane.maps.flows();
+    let flows = h.dataplane.maps.flows().unwrap();
     assert!(
         flows.len() < 300,
         "the LRU map evicted flows ({} left)",
@@ -195,7 +195,7 @@ fn lc_counts_stay_honest_under_lru_eviction() {
 
     h.dataplane.maps.maintain().unwrap();
     let mut live = [0i64; 3];
-    for (_, v) in h.dataplane.maps.flows() {
+    for (_, v) in h.dataplane.maps.flows().unwrap() {
         if v.flags & FLOW_F_REPLY == 0 && v.flags & FLOW_F_COUNTED != 0 {
             let b = B
                 .iter()

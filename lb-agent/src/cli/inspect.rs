@@ -310,7 +310,7 @@ pub fn stats(maps: &PinnedMaps, names: &BTreeMap<String, String>) -> anyhow::Res
     }
     Ok(Stats {
         global: global.fields().into_iter().collect(),
-        conntrack_entries: maps.flow_count(),
+        conntrack_entries: maps.flow_count()?,
         conntrack_capacity: maps.conntrack_capacity(),
         frontends,
     })

@@ -1,6 +1,7 @@
 //! Dataplanes program frontends into the kernel. The sync loop drives one through this trait and
 //! never knows which it is.
 
+mod batch;
 pub mod ipvs;
 pub mod pinned;
 pub mod select;

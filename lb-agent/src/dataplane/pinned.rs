@@ -182,19 +182,16 @@ impl PinnedMaps {
 
     /// Every conntrack entry (both directions of each flow).
     pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        let mut flows: Vec<(FlowKey, FlowValue)> = self
-            .conntrack
-            .iter()
-            // An entry can vanish (LRU eviction, expiry) between reading its key and its value.
-            .filter_map(Result::ok)
-            .collect();
+        let mut flows = super::batch::dump(&self.conntrack).context("read conntrack")?;
         flows.sort_by_key(|(k, _)| *k);
         Ok(flows)
     }
 
-    /// Number of conntrack entries, without reading their values.
-    pub fn flow_count(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
+    /// Number of conntrack entries.
+    pub fn flow_count(&self) -> anyhow::Result<usize> {
+        Ok(super::batch::dump(&self.conntrack)
+            .context("read conntrack")?
+            .len())
     }
 
     /// Size of the conntrack map (entries; each flow takes two).

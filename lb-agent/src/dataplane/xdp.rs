@@ -34,7 +34,7 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use super::{Dataplane, OpError, pinned::ip_from_wire};
+use super::{Dataplane, OpError, batch, pinned::ip_from_wire};
 use crate::{
     model::{Backend, Protocol},
     plan::{BackendSpec, FrontendKey, FrontendSpec, Op},
@@ -1121,10 +1121,9 @@ impl XdpMaps {
         if flush.is_empty() {
             return Ok(());
         }
-        let doomed: Vec<FlowKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
+        let doomed: Vec<FlowKey> = batch::dump(&self.conntrack)
+            .context("read conntrack")?
+            .into_iter()
             .filter(|(_, v)| {
                 flush.services.contains(&v.service_id)
                     || flush
@@ -1133,38 +1132,25 @@ impl XdpMaps {
             })
             .map(|(k, _)| k)
             .collect();
-        for key in &doomed {
-            match self.conntrack.remove(key) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if !doomed.is_empty() {
+        let deleted = batch::delete(&mut self.conntrack, &doomed).context("delete conntrack")?;
+        if deleted > 0 {
             info!(
-                entries = doomed.len(),
+                entries = deleted,
                 "deleted conntrack entries of removed backends"
             );
         }
         // Clients pinned to a backend that left the service are re-balanced at once.
         let backend_of_service: BTreeSet<(u32, u32)> = flush.service_backend.clone();
-        let unpinned: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
+        let unpinned: Vec<AffinityKey> = batch::dump(&self.affinity)
+            .context("read affinity")?
+            .into_iter()
             .filter(|(k, v)| {
                 flush.services.contains(&k.service_id)
                     || backend_of_service.contains(&(k.service_id, v.backend_id))
             })
             .map(|(k, _)| k)
             .collect();
-        for key in &unpinned {
-            match self.affinity.remove(key) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        batch::delete(&mut self.affinity, &unpinned).context("delete affinity pins")?;
         Ok(())
     }
 
@@ -1214,7 +1200,7 @@ impl XdpMaps {
         let grace = 2 * lb_common::hash::CT_TOUCH_INTERVAL_NS;
         let mut expired = Vec::new();
         let mut active: StdHashMap<u32, u64> = StdHashMap::new();
-        for (key, value) in self.conntrack.iter().filter_map(Result::ok) {
+        for (key, value) in batch::dump(&self.conntrack).context("read conntrack")? {
             let timeout_s = if key.proto == lb_common::proto::TCP {
                 if value.flags & FLOW_F_CLOSING != 0 {
                     self.timeouts.tcp_closing_timeout_s
@@ -1232,9 +1218,8 @@ impl XdpMaps {
                 *active.entry(value.backend_id).or_default() += 1;
             }
         }
-        for key in &expired {
-            let _ = self.conntrack.remove(key);
-        }
+        let expired_flows =
+            batch::delete(&mut self.conntrack, &expired).context("delete expired flows")?;
         for slot in self.backend_slots.values() {
             let count = active.get(&slot.id).copied().unwrap_or(0);
             self.backend_conns.set(slot.id, count, 0)?;
@@ -1245,22 +1230,20 @@ impl XdpMaps {
             .values()
             .map(|i| (i.value.id, i.value.affinity_timeout_s))
             .collect();
-        let stale_pins: Vec<AffinityKey> = self
-            .affinity
-            .iter()
-            .filter_map(Result::ok)
+        let stale_pins: Vec<AffinityKey> = batch::dump(&self.affinity)
+            .context("read affinity")?
+            .into_iter()
             .filter(|(k, v)| match timeouts.get(&k.service_id) {
                 Some(&t) => now.saturating_sub(v.last_seen_ns) > t as u64 * 1_000_000_000 + grace,
                 None => true,
             })
             .map(|(k, _)| k)
             .collect();
-        for key in &stale_pins {
-            let _ = self.affinity.remove(key);
-        }
+        let expired_pins =
+            batch::delete(&mut self.affinity, &stale_pins).context("delete expired pins")?;
         Ok(Maintenance {
-            expired_flows: expired.len(),
-            expired_pins: stale_pins.len(),
+            expired_flows,
+            expired_pins,
         })
     }
 
@@ -1293,8 +1276,8 @@ impl XdpMaps {
     }
 
     /// Every conntrack entry.
-    pub fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+    pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        Ok(batch::dump(&self.conntrack)?)
     }
 
     /// The backend id of an address:port in a frontend.

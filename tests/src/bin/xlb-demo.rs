@@ -7,7 +7,7 @@
 use std::{net::SocketAddrV4, path::Path};
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, Map, MapData};
+use lb_agent::dataplane::pinned::PinnedMaps;
 use lb_common::{FLOW_F_REPLY, FlowKey, FlowValue, maps, wire_addr_v4_octets};
 use xlb_tests::{
     agent::{Agent, BpfFs},
@@ -113,9 +113,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn conntrack(pin_dir: &Path) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-    let data = MapData::from_pin(pin_dir.join(maps::CONNTRACK))?;
-    let map: HashMap<MapData, FlowKey, FlowValue> = HashMap::try_from(Map::LruHashMap(data))?;
-    let mut flows: Vec<_> = map.iter().filter_map(Result::ok).collect();
+    let mut flows = PinnedMaps::open(pin_dir)?.flows()?;
     flows.sort_by_key(|(k, v)| (v.flags & FLOW_F_REPLY, k.proto, u16::from_be(k.src_port)));
     Ok(flows)
 }
