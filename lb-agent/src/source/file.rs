@@ -49,11 +49,71 @@ pub const DEFAULT_SCHEDULER: &str = "maglev";
 /// Weight of a backend without one.
 pub const DEFAULT_WEIGHT: u32 = 1;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    services: Vec<serde_norway::Value>,
+/// The file's top level, `{services: [...]}`, read with every entry handed to `each` as soon as
+/// it is read: the YAML tree of all entries never exists at once (at 10k services it would be
+/// tens of MB beside the parser's own events, and the agent's peak memory is its parse).
+struct File<F> {
+    each: F,
+}
+
+impl<'de, F: FnMut(serde_norway::Value)> serde::de::DeserializeSeed<'de> for File<F> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, F: FnMut(serde_norway::Value)> serde::de::Visitor<'de> for File<F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a mapping with a `services` list")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key != "services" {
+                return Err(serde::de::Error::unknown_field(&key, &["services"]));
+            }
+            map.next_value_seed(Entries {
+                each: &mut self.each,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The `services` list (or null), one entry at a time.
+struct Entries<'a, F> {
+    each: &'a mut F,
+}
+
+impl<'de, F: FnMut(serde_norway::Value)> serde::de::DeserializeSeed<'de> for Entries<'_, F> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: FnMut(serde_norway::Value)> serde::de::Visitor<'de> for Entries<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of services")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(entry) = seq.next_element::<serde_norway::Value>()? {
+            (self.each)(entry);
+        }
+        Ok(())
+    }
 }
 
 /// One entry as written. Numbers are read wide (i64) so that out-of-range values get our own
@@ -116,62 +176,74 @@ pub struct Parsed {
 /// Parses a whole services file. Only a file that is not YAML at all, or not a mapping with a
 /// `services` list, is an error; a bad entry only rejects that entry.
 pub fn parse(text: &str) -> anyhow::Result<Parsed> {
-    let file: File = if text.trim().is_empty() {
-        File { services: vec![] }
-    } else {
-        serde_norway::from_str(text)
-            .context("services file is not a mapping with a `services` list")?
-    };
     let mut parsed = Parsed::default();
     // Frontend -> name of the entry that claimed it first.
     let mut claimed: BTreeMap<Frontend, String> = BTreeMap::new();
-    for (index, value) in file.services.into_iter().enumerate() {
-        let name = value
-            .get("name")
-            .and_then(|n| n.as_str())
-            .map(str::to_owned);
-        let location = match &name {
-            Some(name) => format!("services[{index}] {name:?}"),
-            None => format!("services[{index}]"),
+    let mut index = 0;
+    if !text.trim().is_empty() {
+        let file = File {
+            each: |value| {
+                add_entry(&mut parsed, &mut claimed, index, value);
+                index += 1;
+            },
         };
-        let reject = |reason: &'static str, detail: String| Rejection {
-            location: location.clone(),
-            reason,
-            detail,
-        };
-        let service = match translate(value) {
-            Ok(service) => service,
-            Err((reason, detail)) => {
-                parsed.rejections.push(reject(reason, detail));
-                continue;
-            }
-        };
-        if parsed.model.services.contains_key(&service.name) {
-            parsed.rejections.push(reject(
-                "duplicate_name",
-                format!(
-                    "name {:?} is already used by an earlier entry",
-                    service.name
-                ),
-            ));
-            continue;
-        }
-        if let Some(owner) = service.frontends.iter().find_map(|f| claimed.get(f)) {
-            parsed.rejections.push(reject(
-                "duplicate_frontend",
-                format!(
-                    "{} is already served by entry {owner:?}",
-                    service.frontends[0]
-                ),
-            ));
-            continue;
-        }
-        for frontend in &service.frontends {
-            claimed.insert(*frontend, service.name.clone());
-        }
-        parsed.model.services.insert(service.name.clone(), service);
+        serde::de::DeserializeSeed::deserialize(file, serde_norway::Deserializer::from_str(text))
+            .context("services file is not a mapping with a `services` list")?;
     }
     Ok(parsed)
+}
+
+/// Translates entry `index` of the file into `parsed`: a service, or a rejection.
+fn add_entry(
+    parsed: &mut Parsed,
+    claimed: &mut BTreeMap<Frontend, String>,
+    index: usize,
+    value: serde_norway::Value,
+) {
+    let name = value
+        .get("name")
+        .and_then(|n| n.as_str())
+        .map(str::to_owned);
+    let location = match &name {
+        Some(name) => format!("services[{index}] {name:?}"),
+        None => format!("services[{index}]"),
+    };
+    let reject = |reason: &'static str, detail: String| Rejection {
+        location: location.clone(),
+        reason,
+        detail,
+    };
+    let service = match translate(value) {
+        Ok(service) => service,
+        Err((reason, detail)) => {
+            parsed.rejections.push(reject(reason, detail));
+            return;
+        }
+    };
+    if parsed.model.services.contains_key(&service.name) {
+        parsed.rejections.push(reject(
+            "duplicate_name",
+            format!(
+                "name {:?} is already used by an earlier entry",
+                service.name
+            ),
+        ));
+        return;
+    }
+    if let Some(owner) = service.frontends.iter().find_map(|f| claimed.get(f)) {
+        parsed.rejections.push(reject(
+            "duplicate_frontend",
+            format!(
+                "{} is already served by entry {owner:?}",
+                service.frontends[0]
+            ),
+        ));
+        return;
+    }
+    for frontend in &service.frontends {
+        claimed.insert(*frontend, service.name.clone());
+    }
+    parsed.model.services.insert(service.name.clone(), service);
 }
 
 type Invalid = (&'static str, String);
@@ -619,6 +691,10 @@ services:
         assert!(parse("- just\n- a list\n").is_err());
         assert!(parse("services: {a: 1}\n").is_err());
         assert!(parse("").unwrap().model.services.is_empty());
+        let err = format!("{:#}", parse("service:\n  - name: typo\n").unwrap_err());
+        assert!(err.contains("unknown field `service`"), "{err}");
+        assert!(parse("services:\n").unwrap().model.services.is_empty());
+        assert!(parse("{}\n").unwrap().model.services.is_empty());
     }
 
     #[test]
