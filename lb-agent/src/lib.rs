@@ -4,6 +4,7 @@
 //! desired state) -> [`plan`] (diff into operations, with [`sched_table`] building scheduler
 //! tables) -> [`dataplane`] (XDP or IPVS). [`sync`] drives the stages and reports each sync to
 //! [`health`] (the listener: /healthz, /metrics, /status), [`metrics`] and [`status`].
+//! [`service_health`] answers cloud load balancers' probes on health check node ports.
 //! [`cli`] holds the operator commands besides `run`: inspect, status, preflight, cleanup.
 
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod sched_table;
+pub mod service_health;
 pub mod source;
 pub mod status;
 pub mod sync;

@@ -17,6 +17,7 @@ use lb_agent::{
     kube_proxy_config::{self, KubeProxyConfig},
     metrics::Metrics,
     model::{Scheduler, parse_scheduler},
+    service_health::ServiceHealthServer,
     source::{
         file,
         kubernetes::{self, ClusterAccess, translate::NodeSettings},
@@ -333,6 +334,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     Syncer::new(chosen.as_dyn(), source_name)
+        .with_service_health(ServiceHealthServer::new(health.clone()))
         .with_health(health)
         .with_metrics(metrics)
         .with_status(status)

@@ -210,6 +210,22 @@ impl Service {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Model {
     pub services: BTreeMap<String, Service>,
+    /// Health check node ports to answer, by port (Kubernetes mode only).
+    pub health_checks: BTreeMap<u16, HealthCheckPort>,
+}
+
+/// A Service's health check node port. The cloud load balancer of a LoadBalancer Service with
+/// externalTrafficPolicy=Local probes it on every node and sends traffic only to nodes that
+/// answer 200, the nodes with ready endpoints of the Service (the others would drop it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheckPort {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// Addresses to listen on: this node's NodePort addresses.
+    pub addrs: Vec<IpAddr>,
+    /// This node's ready endpoints of the Service, counted by address across all its ports (as
+    /// kube-proxy counts them: a pod serving two ports is one endpoint).
+    pub local_endpoints: usize,
 }
 
 impl Model {

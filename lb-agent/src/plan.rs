@@ -177,6 +177,7 @@ mod tests {
     fn model(services: Vec<Service>) -> Model {
         Model {
             services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
+            ..Model::default()
         }
     }
 

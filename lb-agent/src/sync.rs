@@ -28,6 +28,7 @@ use crate::{
     metrics::Metrics,
     model::{Model, Rejection},
     plan::{self, FrontendKey},
+    service_health::ServiceHealthServer,
     source::SourceEvent,
     status::{FrontendStatus, RejectionStatus, StatusBoard, SyncStatus, unix_now},
 };
@@ -71,6 +72,8 @@ pub struct Syncer<'a> {
     health: Option<Arc<Health>>,
     metrics: Option<Arc<Metrics>>,
     status: Option<Arc<StatusBoard>>,
+    /// Health check node ports (Kubernetes mode).
+    service_health: Option<ServiceHealthServer>,
     /// Rejections already reported: a Kubernetes source re-sends the whole state on every change,
     /// and each rejected object is logged and counted once, not once per change.
     reported: BTreeSet<(String, &'static str)>,
@@ -94,6 +97,7 @@ impl<'a> Syncer<'a> {
             health: None,
             metrics: None,
             status: None,
+            service_health: None,
             reported: BTreeSet::new(),
             rejections: Vec::new(),
             unsupported_reported: BTreeSet::new(),
@@ -119,6 +123,12 @@ impl<'a> Syncer<'a> {
     pub fn note_changes(&mut self, times: impl IntoIterator<Item = SystemTime>) {
         self.pending_changes
             .extend(times.into_iter().filter(|t| *t >= self.started));
+    }
+
+    /// Opens each model's health check node ports on `server` after its sync.
+    pub fn with_service_health(mut self, server: ServiceHealthServer) -> Self {
+        self.service_health = Some(server);
+        self
     }
 
     /// Reports every sync's outcome to `health` (served on /healthz).
@@ -190,14 +200,18 @@ impl<'a> Syncer<'a> {
             warn!(frontend = %e.key, "frontend not applied, its previous state is kept: {:#}", e.error);
             not_applied.push(format!("{}: not applied: {:#}", e.key, e.error));
         }
+        if let Some(h) = &self.health {
+            h.record_sync(errors.is_empty());
+        }
+        // After the health record: the probes' answers include the agent's health.
+        if let Some(server) = &mut self.service_health {
+            problems.extend(server.sync(&model.health_checks));
+        }
         // Failures first: they are what an operator must act on.
         not_applied.append(&mut problems);
         let problems = not_applied;
         if announce || n_ops > 0 {
             self.generation += 1;
-        }
-        if let Some(h) = &self.health {
-            h.record_sync(errors.is_empty());
         }
         self.publish(
             model,

@@ -4,7 +4,7 @@
 //! servers in three backend namespaces answer. Needs root.
 
 use std::{
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -12,7 +12,8 @@ use k8s_openapi::api::core::v1::Service;
 use xlb_tests::{
     agent::{Agent, BpfFs, scratch_dir},
     fake_apiserver::FakeApiServer,
-    k8s_objects::{Endpoint, endpoint_slice, node, node_port_service},
+    http,
+    k8s_objects::{Endpoint, endpoint_slice, node, node_port_service, service},
     netns::require_privileges,
     topology::{LB_CLIENT_SIDE, TCP_PORT, Topology, VIP, backend_addr},
     traffic::{Reply, TcpClient, tally, tcp_once},
@@ -176,4 +177,64 @@ fn traffic_keeps_flowing_while_the_api_server_is_away() {
     s.agent.wait_for_rv(rv).unwrap();
     assert_eq!(backends_used(&connections(&s, NODE_PORT_ADDR, 30)), ["b1"]);
     assert!(s.agent.is_running());
+}
+
+/// A LoadBalancer Service with externalTrafficPolicy Local: the cloud load balancer probes its
+/// healthCheckNodePort on every node, and the answer follows this node's ready endpoints.
+#[test]
+fn health_check_node_port_answers_for_this_nodes_endpoints() {
+    const HEALTH_PORT: u16 = 32100;
+    let mut s = setup();
+    let probe = SocketAddr::from(SocketAddrV4::new(LB_CLIENT_SIDE, HEALTH_PORT));
+    s.server.apply(&service(
+        "shop",
+        serde_json::json!({
+            "type": "LoadBalancer",
+            "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": HEALTH_PORT,
+            "clusterIP": "10.96.0.20",
+            "clusterIPs": ["10.96.0.20"],
+            "ipFamilies": ["IPv4"],
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30090}]
+        }),
+    ));
+    let on = |node| {
+        let addrs = addrs(&[0, 1]);
+        let endpoints: Vec<Endpoint> = addrs
+            .iter()
+            .map(|a| Endpoint {
+                node,
+                ..Endpoint::ready(a)
+            })
+            .collect();
+        endpoint_slice("shop-abcde", "shop", TCP_PORT, &endpoints)
+    };
+
+    // Both endpoints on this node (node-a): 200, two local endpoints.
+    let rv = s.server.apply(&on("node-a"));
+    s.agent.wait_for_rv(rv).unwrap();
+    let (status, body) = http::get(&s.topo.client, probe, "/healthz").unwrap();
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["localEndpoints"], 2);
+    assert_eq!(body["service"]["name"], "shop");
+    assert_eq!(body["serviceProxyHealthy"], true);
+
+    // The pods move to another node: this one must be taken out of the load balancer.
+    let rv = s.server.apply(&on("node-b"));
+    s.agent.wait_for_rv(rv).unwrap();
+    let (status, body) = http::get(&s.topo.client, probe, "/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+
+    // The Service goes, and its port closes.
+    let rv = s.server.delete::<Service>("default", "shop");
+    s.agent.wait_for_rv(rv).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http::get(&s.topo.client, probe, "/healthz").is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{probe} still answers after its Service was deleted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -194,6 +194,7 @@ fn a_local_policy_without_local_endpoints_drops() {
     };
     h.program_model(&Model {
         services: [(service.name.clone(), service)].into(),
+        ..Model::default()
     });
     let out = h.run(&syn((CLIENT, 40000), (VIP, 80)));
     assert_eq!(out.action, XDP_DROP);

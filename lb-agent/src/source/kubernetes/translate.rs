@@ -18,7 +18,10 @@
 //!   `serving` means true, an unset `terminating` false. Endpoints that are neither ready nor
 //!   terminating carry no traffic and are left out. `node_local` is `nodeName == this node`;
 //! * sessionAffinity ClientIP with its timeout, externalTrafficPolicy/internalTrafficPolicy Local,
-//!   and the scheduler: the agent's default, or the [`SCHEDULER_ANNOTATION`] of the Service.
+//!   and the scheduler: the agent's default, or the [`SCHEDULER_ANNOTATION`] of the Service;
+//! * a LoadBalancer Service with externalTrafficPolicy Local also gets its `healthCheckNodePort`
+//!   in [`Model::health_checks`], with the number of this node's ready endpoint addresses (served
+//!   by [`crate::service_health`]).
 //!
 //! Ignored without complaint, as kube-proxy ignores them: ExternalName Services, headless Services
 //! (clusterIP `None`) and Services labelled [`SERVICE_PROXY_NAME_LABEL`] (another proxy owns them).
@@ -42,8 +45,8 @@ use k8s_openapi::{
 };
 
 use crate::model::{
-    Backend, DEFAULT_AFFINITY_TIMEOUT_S, Frontend, Model, Protocol, Rejection, Scheduler, Scope,
-    Service, parse_scheduler,
+    Backend, DEFAULT_AFFINITY_TIMEOUT_S, Frontend, HealthCheckPort, Model, Protocol, Rejection,
+    Scheduler, Scope, Service, parse_scheduler,
 };
 
 /// Label that ties an EndpointSlice to its Service.
@@ -177,6 +180,33 @@ pub fn translate<'a>(
             });
             continue;
         }
+        if let Some(port) = health_check_node_port(service) {
+            let check = HealthCheckPort {
+                service: format!("{ns}/{name}"),
+                addrs: node_port_addrs(&node_addrs, settings),
+                local_endpoints: translated
+                    .iter()
+                    .flat_map(|s| &s.backends)
+                    .filter(|b| b.ready && b.node_local)
+                    .map(|b| b.addr)
+                    .collect::<BTreeSet<IpAddr>>()
+                    .len(),
+            };
+            if let Some(owner) = out.model.health_checks.get(&port) {
+                // The API server allocates these ports uniquely; keep the first claim, and the
+                // later Service's frontends, which do not depend on it.
+                out.rejections.push(Rejection {
+                    location,
+                    reason: "duplicate_health_check_node_port",
+                    detail: format!(
+                        "healthCheckNodePort {port} is already used by {}",
+                        owner.service
+                    ),
+                });
+            } else {
+                out.model.health_checks.insert(port, check);
+            }
+        }
         for s in translated {
             for f in &s.frontends {
                 claimed.insert((f.addr, f.port, f.protocol), s.name.clone());
@@ -185,6 +215,29 @@ pub fn translate<'a>(
         }
     }
     out
+}
+
+/// The health check node port this node must answer for `service`: LoadBalancer Services with
+/// externalTrafficPolicy=Local only, as kube-proxy (the API server allocates one for no others).
+fn health_check_node_port(service: &KubeService) -> Option<u16> {
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer")
+        || spec.external_traffic_policy.as_deref() != Some("Local")
+    {
+        return None;
+    }
+    spec.health_check_node_port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0)
+}
+
+/// This node's addresses that NodePorts (and health check node ports) listen on.
+fn node_port_addrs(node_addrs: &[NodeAddress], settings: &NodeSettings) -> Vec<IpAddr> {
+    node_addrs
+        .iter()
+        .filter(|a| listens_for_node_ports(a, &settings.node_port_addresses))
+        .map(|a| a.addr)
+        .collect()
 }
 
 fn label<'m>(meta: &'m ObjectMeta, key: &str) -> Option<&'m str> {
@@ -380,11 +433,7 @@ fn translate_service(
         None
     };
     let node_ports = kind == "NodePort" || kind == "LoadBalancer";
-    let node_port_addrs: Vec<IpAddr> = node_addrs
-        .iter()
-        .filter(|a| listens_for_node_ports(a, &settings.node_port_addresses))
-        .map(|a| a.addr)
-        .collect();
+    let node_port_addrs = node_port_addrs(node_addrs, settings);
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
@@ -961,6 +1010,102 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn health_check_node_port_counts_this_nodes_ready_endpoint_addresses() {
+        let n = node(&[("InternalIP", "192.168.1.10")]);
+        let lb = |policy: &str| {
+            web(json!({
+                "type": "LoadBalancer",
+                "externalTrafficPolicy": policy,
+                "healthCheckNodePort": 32000,
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080},
+                    {"name": "alt", "port": 81, "targetPort": 8080, "nodePort": 30081}
+                ]
+            }))
+        };
+        let mut slice = endpoints(
+            "web-1",
+            "web",
+            &[
+                ("10.1.0.1", Some(true), Some(true), Some(false), "node-a"),
+                ("10.1.0.2", Some(true), Some(true), Some(false), "node-a"),
+                // Terminating on this node: serving, but the probe must not count it.
+                ("10.1.0.3", Some(false), Some(true), Some(true), "node-a"),
+                ready("10.1.0.4"),
+            ],
+        );
+        // Both service ports on the same pods: each pod is one endpoint, not two.
+        slice["ports"] = json!([
+            {"name": "http", "port": 8080, "protocol": "TCP"},
+            {"name": "alt", "port": 8080, "protocol": "TCP"}
+        ]);
+        let t = run_on(
+            &[lb("Local")],
+            std::slice::from_ref(&slice),
+            Some(&n),
+            &settings(),
+        );
+        assert_eq!(
+            t.model.health_checks,
+            BTreeMap::from([(
+                32000,
+                HealthCheckPort {
+                    service: "default/web".into(),
+                    addrs: vec![ip("192.168.1.10")],
+                    local_endpoints: 2,
+                }
+            )])
+        );
+        // Only Local LoadBalancers have one (the API server allocates no other).
+        let t = run_on(
+            &[lb("Cluster")],
+            std::slice::from_ref(&slice),
+            Some(&n),
+            &settings(),
+        );
+        assert!(t.model.health_checks.is_empty());
+        let mut node_port = lb("Local");
+        node_port["spec"]["type"] = json!("NodePort");
+        let t = run_on(
+            &[node_port],
+            std::slice::from_ref(&slice),
+            Some(&n),
+            &settings(),
+        );
+        assert!(t.model.health_checks.is_empty());
+        // No endpoint here: the port is still served, with nothing to count.
+        let t = run_on(&[lb("Local")], &[], Some(&n), &settings());
+        assert_eq!(t.model.health_checks[&32000].local_endpoints, 0);
+    }
+
+    #[test]
+    fn a_health_check_node_port_in_use_is_reported_and_the_service_still_loads() {
+        let n = node(&[("InternalIP", "192.168.1.10")]);
+        let lb = |name: &str, ip: &str, node_port: u16| {
+            let mut s = web(json!({
+                "type": "LoadBalancer",
+                "externalTrafficPolicy": "Local",
+                "healthCheckNodePort": 32000,
+                "clusterIP": ip,
+                "clusterIPs": [ip],
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": node_port}]
+            }));
+            s["metadata"]["name"] = json!(name);
+            s
+        };
+        let t = run_on(
+            &[lb("a", "10.96.0.1", 30001), lb("b", "10.96.0.2", 30002)],
+            &[],
+            Some(&n),
+            &settings(),
+        );
+        assert_eq!(t.model.health_checks[&32000].service, "default/a");
+        assert_eq!(t.rejections.len(), 1, "{:?}", t.rejections);
+        assert_eq!(t.rejections[0].reason, "duplicate_health_check_node_port");
+        assert!(t.model.services.contains_key("default/b:http"));
     }
 
     #[test]
