@@ -112,6 +112,10 @@ pub struct Backend {
     pub terminating: bool,
     /// The endpoint runs on this node (for the Local traffic policies).
     pub node_local: bool,
+    /// Topology-aware routing keeps the endpoint for this node: its EndpointSlice hints name this
+    /// node or its zone, or the Service's endpoints carry no usable hints (then every endpoint
+    /// is kept). Cluster-wide frontends send new flows only to ready endpoints kept here.
+    pub in_topology: bool,
 }
 
 impl Backend {
@@ -125,6 +129,7 @@ impl Backend {
             serving: true,
             terminating: false,
             node_local: false,
+            in_topology: true,
         }
     }
 }
@@ -154,10 +159,15 @@ impl Service {
     /// The backends a frontend of `scope` sends new flows to, following Kubernetes: ready
     /// endpoints; if there are none, serving-and-terminating ones (so a rolling update of the last
     /// pods does not blackhole traffic); restricted to this node's endpoints under a Local policy.
+    ///
+    /// Under a Cluster policy, ready endpoints are also filtered by topology-aware routing
+    /// ([`Backend::in_topology`]); as in kube-proxy, Local policies and the terminating fallback
+    /// ignore topology.
     pub fn usable_backends(&self, scope: Scope) -> Vec<Backend> {
+        let by_topology = !self.local_only(scope);
         let ready: Vec<Backend> = self
             .candidates(scope)
-            .filter(|b| b.ready)
+            .filter(|b| b.ready && (b.in_topology || !by_topology))
             .copied()
             .collect();
         if !ready.is_empty() {
@@ -183,23 +193,24 @@ impl Service {
     /// it: Kubernetes drops under a Local traffic policy when the service has endpoints, just none
     /// on this node; a service with no endpoints at all is refused.
     pub fn drops_when_empty(&self, scope: Scope) -> bool {
-        let local_only = match scope {
-            Scope::Internal => self.internal_local,
-            Scope::External => self.external_local,
-        };
-        local_only
+        self.local_only(scope)
             && self
                 .backends
                 .iter()
                 .any(|b| b.ready || (b.serving && b.terminating))
     }
 
-    /// Endpoints the traffic policy of `scope` allows at all.
-    fn candidates(&self, scope: Scope) -> impl Iterator<Item = &Backend> {
-        let local_only = match scope {
+    /// Whether the traffic policy of `scope` is Local.
+    fn local_only(&self, scope: Scope) -> bool {
+        match scope {
             Scope::Internal => self.internal_local,
             Scope::External => self.external_local,
-        };
+        }
+    }
+
+    /// Endpoints the traffic policy of `scope` allows at all.
+    fn candidates(&self, scope: Scope) -> impl Iterator<Item = &Backend> {
+        let local_only = self.local_only(scope);
         self.backends
             .iter()
             .filter(move |b| !local_only || b.node_local)
@@ -265,6 +276,7 @@ mod tests {
             serving,
             terminating,
             node_local: local,
+            in_topology: true,
         }
     }
 

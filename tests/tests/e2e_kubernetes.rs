@@ -238,3 +238,38 @@ fn health_check_node_port_answers_for_this_nodes_endpoints() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Topology-aware routing: once the Node carries a zone and the EndpointSlice hints, ClusterIP
+/// traffic stays with the endpoints hinted for this node's zone.
+#[test]
+fn zone_hints_keep_cluster_ip_traffic_in_the_zone() {
+    use k8s_openapi::api::discovery::v1::{EndpointHints, ForZone};
+    let mut s = setup();
+    let mut this_node = node("node-a", &LB_CLIENT_SIDE.to_string());
+    this_node
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("topology.kubernetes.io/zone".into(), "zone-a".into());
+    s.server.apply(&this_node);
+    let addrs = addrs(&[0, 1, 2]);
+    let endpoints: Vec<Endpoint> = addrs.iter().map(|a| Endpoint::ready(a)).collect();
+    let mut slice = endpoint_slice("web-abcde", "web", TCP_PORT, &endpoints);
+    for (endpoint, zone) in slice
+        .endpoints
+        .iter_mut()
+        .zip(["zone-a", "zone-b", "zone-a"])
+    {
+        endpoint.hints = Some(EndpointHints {
+            for_zones: Some(vec![ForZone { name: zone.into() }]),
+            ..Default::default()
+        });
+    }
+    let rv = s.server.apply(&slice);
+    s.agent.wait_for_rv(rv).unwrap();
+    assert_eq!(
+        backends_used(&connections(&s, CLUSTER_IP, 60)),
+        ["b1", "b3"],
+        "only zone-a's endpoints"
+    );
+}

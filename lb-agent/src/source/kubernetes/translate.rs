@@ -19,6 +19,10 @@
 //!   terminating carry no traffic and are left out. `node_local` is `nodeName == this node`;
 //! * sessionAffinity ClientIP with its timeout, externalTrafficPolicy/internalTrafficPolicy Local,
 //!   and the scheduler: the agent's default, or the [`SCHEDULER_ANNOTATION`] of the Service;
+//! * topology-aware routing, as kube-proxy does it from the hints the EndpointSlice controller
+//!   writes: cluster-wide frontends keep the ready endpoints hinted for this node, or else for
+//!   its zone (Node label `topology.kubernetes.io/zone`), when every ready endpoint has such hints
+//!   and one matches; otherwise all;
 //! * a LoadBalancer Service with externalTrafficPolicy Local also gets its `healthCheckNodePort`
 //!   in [`Model::health_checks`], with the number of this node's ready endpoint addresses (served
 //!   by [`crate::service_health`]).
@@ -49,6 +53,8 @@ use crate::model::{
     Scheduler, Scope, Service, parse_scheduler,
 };
 
+/// Node label naming the node's zone (topology-aware routing).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Services with this label belong to another proxy; kube-proxy skips them too.
@@ -128,7 +134,12 @@ pub fn translate<'a>(
             slices_of.entry((ns, service)).or_default().push(slice);
         }
     }
-    let node_addrs = node.map(node_addresses).unwrap_or_default();
+    let this_node = ThisNode {
+        addrs: node.map(node_addresses).unwrap_or_default(),
+        zone: node
+            .and_then(|n| label(&n.metadata, ZONE_LABEL))
+            .map(str::to_owned),
+    };
 
     // Older Services first, so a new Service cannot take a frontend away from an existing one.
     let mut services: Vec<&KubeService> = services.into_iter().collect();
@@ -153,7 +164,7 @@ pub fn translate<'a>(
             .get(&(ns, name))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let translated = match translate_service(service, slices, &node_addrs, settings) {
+        let translated = match translate_service(service, slices, &this_node, settings) {
             Ok(Some(translated)) => translated,
             Ok(None) => continue,
             Err((reason, detail)) => {
@@ -183,7 +194,7 @@ pub fn translate<'a>(
         if let Some(port) = health_check_node_port(service) {
             let check = HealthCheckPort {
                 service: format!("{ns}/{name}"),
-                addrs: node_port_addrs(&node_addrs, settings),
+                addrs: node_port_addrs(&this_node.addrs, settings),
                 local_endpoints: translated
                     .iter()
                     .flat_map(|s| &s.backends)
@@ -335,10 +346,17 @@ fn parse_protocol(value: Option<&str>) -> Result<Protocol, Invalid> {
 }
 
 /// One Service, or `None` when kube-proxy semantics say to leave it alone.
+/// What the translation knows of this node from its Node object.
+struct ThisNode {
+    addrs: Vec<NodeAddress>,
+    /// `topology.kubernetes.io/zone`, for topology-aware routing.
+    zone: Option<String>,
+}
+
 fn translate_service(
     service: &KubeService,
     slices: &[&EndpointSlice],
-    node_addrs: &[NodeAddress],
+    this_node: &ThisNode,
     settings: &NodeSettings,
 ) -> Result<Option<Vec<Service>>, Invalid> {
     if label(&service.metadata, SERVICE_PROXY_NAME_LABEL).is_some() {
@@ -433,7 +451,7 @@ fn translate_service(
         None
     };
     let node_ports = kind == "NodePort" || kind == "LoadBalancer";
-    let node_port_addrs = node_port_addrs(node_addrs, settings);
+    let node_port_addrs = node_port_addrs(&this_node.addrs, settings);
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
@@ -491,15 +509,27 @@ fn translate_service(
                 affinity_timeout_s,
                 internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
                 external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
-                backends: backends
-                    .iter()
-                    .filter(|b| Family::of(&b.addr) == family)
-                    .copied()
-                    .collect(),
+                backends: with_topology(
+                    backends
+                        .iter()
+                        .filter(|e| Family::of(&e.backend.addr) == family),
+                    &settings.node_name,
+                    this_node.zone.as_deref(),
+                ),
             });
         }
     }
     Ok(Some(out))
+}
+
+/// An endpoint and the topology hints its slice gives it.
+#[derive(Clone, Debug)]
+struct HintedBackend {
+    backend: Backend,
+    /// `hints.forZones[].name`.
+    zones: BTreeSet<String>,
+    /// `hints.forNodes[].name`.
+    nodes: BTreeSet<String>,
 }
 
 /// The endpoints serving one service port, merged across the Service's slices.
@@ -508,9 +538,9 @@ fn backends(
     protocol: Protocol,
     slices: &[&EndpointSlice],
     node_name: &str,
-) -> Result<Vec<Backend>, Invalid> {
+) -> Result<Vec<HintedBackend>, Invalid> {
     let wanted_name = port.name.as_deref().unwrap_or_default();
-    let mut merged: BTreeMap<(IpAddr, u16), Backend> = BTreeMap::new();
+    let mut merged: BTreeMap<(IpAddr, u16), HintedBackend> = BTreeMap::new();
     for slice in slices {
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue; // FQDN slices name no address to forward to
@@ -537,28 +567,79 @@ fn backends(
             if !ready && !terminating {
                 continue;
             }
-            let backend = Backend {
-                addr,
-                port: number,
-                weight: 1,
-                ready,
-                serving,
-                terminating,
-                node_local: endpoint.node_name.as_deref() == Some(node_name),
+            let hints = endpoint.hints.as_ref();
+            let hinted = HintedBackend {
+                backend: Backend {
+                    addr,
+                    port: number,
+                    weight: 1,
+                    ready,
+                    serving,
+                    terminating,
+                    node_local: endpoint.node_name.as_deref() == Some(node_name),
+                    in_topology: true,
+                },
+                zones: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                nodes: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
             };
             // The same endpoint in two slices (during a slice rebalancing): keep the better view.
-            let rank = |b: &Backend| (b.ready, b.serving, !b.terminating, b.node_local);
+            let rank = |h: &HintedBackend| {
+                let b = &h.backend;
+                (b.ready, b.serving, !b.terminating, b.node_local)
+            };
             merged
                 .entry((addr, number))
                 .and_modify(|old| {
-                    if rank(&backend) > rank(old) {
-                        *old = backend;
+                    if rank(&hinted) > rank(old) {
+                        *old = hinted.clone();
                     }
                 })
-                .or_insert(backend);
+                .or_insert(hinted);
         }
     }
     Ok(merged.into_values().collect())
+}
+
+/// Topology-aware routing, as kube-proxy decides it from the hints the EndpointSlice
+/// controller writes (for `trafficDistribution` or the topology-mode annotation): if every ready
+/// endpoint has node hints and one names this node, only endpoints hinted for this node are
+/// kept; else if every ready endpoint has zone hints and one names this node's zone, only those
+/// hinted for the zone; else every endpoint. The result marks [`Backend::in_topology`].
+fn with_topology<'e>(
+    endpoints: impl Iterator<Item = &'e HintedBackend> + Clone,
+    node_name: &str,
+    zone: Option<&str>,
+) -> Vec<Backend> {
+    type Hints = fn(&HintedBackend) -> &BTreeSet<String>;
+    let nodes: Hints = |e| &e.nodes;
+    let zones: Hints = |e| &e.zones;
+    // Hints apply when every ready endpoint has some and at least one names `this`.
+    let apply = |hints: Hints, this: &str| {
+        let mut ready = endpoints.clone().filter(|e| e.backend.ready);
+        ready.clone().all(|e| !hints(e).is_empty()) && ready.any(|e| hints(e).contains(this))
+    };
+    let keep = if apply(nodes, node_name) {
+        Some((nodes, node_name))
+    } else {
+        zone.filter(|&zone| apply(zones, zone))
+            .map(|zone| (zones, zone))
+    };
+    endpoints
+        .map(|e| Backend {
+            in_topology: keep.is_none_or(|(hints, this)| hints(e).contains(this)),
+            ..e.backend
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1106,6 +1187,124 @@ mod tests {
         assert_eq!(t.rejections.len(), 1, "{:?}", t.rejections);
         assert_eq!(t.rejections[0].reason, "duplicate_health_check_node_port");
         assert!(t.model.services.contains_key("default/b:http"));
+    }
+
+    /// Node `node-a` in `zone` (if any), with one InternalIP.
+    fn node_in_zone(zone: Option<&str>) -> Node {
+        let mut n = node(&[("InternalIP", "192.168.1.10")]);
+        if let Some(zone) = zone {
+            n.metadata.labels = Some([(ZONE_LABEL.to_owned(), zone.to_owned())].into());
+        }
+        n
+    }
+
+    /// A slice of ready endpoints 10.1.0.1.. with the given hints: (zones, nodes) per endpoint.
+    fn hinted_slice(hints: &[(&[&str], &[&str])]) -> serde_json::Value {
+        let addrs: Vec<String> = (1..=hints.len()).map(|i| format!("10.1.0.{i}")).collect();
+        let eps: Vec<Ep> = addrs.iter().map(|a| ready(a)).collect();
+        let mut slice = endpoints("web-1", "web", &eps);
+        for (i, (zones, nodes)) in hints.iter().enumerate() {
+            let mut h = json!({});
+            if !zones.is_empty() {
+                h["forZones"] = zones.iter().map(|z| json!({"name": z})).collect();
+            }
+            if !nodes.is_empty() {
+                h["forNodes"] = nodes.iter().map(|n| json!({"name": n})).collect();
+            }
+            slice["endpoints"][i]["hints"] = h;
+        }
+        slice
+    }
+
+    /// The backend addresses new flows to `frontend_port` may use.
+    fn usable(t: &Translated, frontend_port: u16) -> Vec<IpAddr> {
+        plan::desired(&t.model)
+            .into_iter()
+            .find(|(k, _)| k.port == frontend_port)
+            .unwrap()
+            .1
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .collect()
+    }
+
+    #[test]
+    fn zone_hints_keep_cluster_traffic_in_this_nodes_zone() {
+        let a: &[&str] = &["zone-a"];
+        let b: &[&str] = &["zone-b"];
+        let none: &[&str] = &[];
+        let slice = hinted_slice(&[(a, none), (b, none), (a, none)]);
+        let run_in = |zone: Option<&str>, slice: &serde_json::Value| {
+            run_on(
+                &[web(json!({}))],
+                std::slice::from_ref(slice),
+                Some(&node_in_zone(zone)),
+                &settings(),
+            )
+        };
+        let t = run_in(Some("zone-a"), &slice);
+        assert_eq!(usable(&t, 80), [ip("10.1.0.1"), ip("10.1.0.3")]);
+        assert_eq!(
+            usable(&run_in(Some("zone-b"), &slice), 80),
+            [ip("10.1.0.2")]
+        );
+        // Every endpoint stays when the hints cannot be used: no zone label on the node, no
+        // endpoint for this zone, or a ready endpoint without hints.
+        let all = [ip("10.1.0.1"), ip("10.1.0.2"), ip("10.1.0.3")];
+        assert_eq!(usable(&run_in(None, &slice), 80), all);
+        assert_eq!(usable(&run_in(Some("zone-c"), &slice), 80), all);
+        let partly = hinted_slice(&[(a, none), (b, none), (none, none)]);
+        assert_eq!(usable(&run_in(Some("zone-a"), &partly), 80), all);
+    }
+
+    #[test]
+    fn node_hints_win_over_zone_hints() {
+        let a: &[&str] = &["zone-a"];
+        let slice = hinted_slice(&[(a, &["node-b"]), (a, &["node-a"]), (a, &["node-c"])]);
+        let t = run_on(
+            &[web(json!({}))],
+            &[slice],
+            Some(&node_in_zone(Some("zone-a"))),
+            &settings(),
+        );
+        assert_eq!(usable(&t, 80), [ip("10.1.0.2")]);
+    }
+
+    #[test]
+    fn topology_applies_to_cluster_wide_frontends_only_and_not_to_the_fallback() {
+        let a: &[&str] = &["zone-a"];
+        let b: &[&str] = &["zone-b"];
+        let none: &[&str] = &[];
+        // Endpoint 2 (zone-b) runs on this node; the node is in zone-a.
+        let mut slice = hinted_slice(&[(a, none), (b, none)]);
+        slice["endpoints"][1]["nodeName"] = json!("node-a");
+        let svc = web(json!({
+            "type": "NodePort",
+            "externalTrafficPolicy": "Local",
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]
+        }));
+        let node = node_in_zone(Some("zone-a"));
+        let t = run_on(
+            std::slice::from_ref(&svc),
+            std::slice::from_ref(&slice),
+            Some(&node),
+            &settings(),
+        );
+        assert_eq!(usable(&t, 80), [ip("10.1.0.1")], "ClusterIP: this zone");
+        assert_eq!(
+            usable(&t, 30080),
+            [ip("10.1.0.2")],
+            "Local NodePort: this node"
+        );
+
+        // No ready endpoint: the serving-terminating fallback ignores hints.
+        for i in 0..2 {
+            slice["endpoints"][i]["conditions"] =
+                json!({"ready": false, "serving": true, "terminating": true});
+        }
+        let t = run_on(&[svc], &[slice], Some(&node), &settings());
+        assert_eq!(usable(&t, 80), [ip("10.1.0.1"), ip("10.1.0.2")]);
     }
 
     #[test]
