@@ -394,6 +394,37 @@ impl Initramfs {
     }
 }
 
+/// What every VM test's initramfs holds: busybox at /bin/busybox, the statically linked agent
+/// at /lb-agent, the Debian `packages` unpacked into `tree` with `executables` taken from them
+/// (each with its libraries), and the kernel `modules` with their dependencies under /modules.
+/// Returns the archive, for the test to add its own files and /init, and the module file names
+/// in load order, for the init script to insmod.
+pub fn base_initramfs(
+    kernel: &Kernel,
+    tree: &DebianTree,
+    packages: &[&str],
+    executables: &[&str],
+    modules: &[&str],
+) -> anyhow::Result<(Initramfs, Vec<String>)> {
+    for package in std::iter::once(&"busybox-static").chain(packages) {
+        tree.unpack(package, &[])
+            .with_context(|| format!("Debian package {package}"))?;
+    }
+    let mut fs = Initramfs::new();
+    fs.copy("/bin/busybox", 0o755, &tree.path("/bin/busybox"))?;
+    for exe in executables {
+        fs.executable_from(tree, exe)?;
+    }
+    fs.file("/lb-agent", 0o755, &static_agent()?);
+    let mut names = Vec::new();
+    for path in kernel.load_order(modules)? {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        fs.copy(&format!("/modules/{name}"), 0o644, &path)?;
+        names.push(name);
+    }
+    Ok((fs, names))
+}
+
 fn find_lib(tree: &DebianTree, name: &str) -> anyhow::Result<PathBuf> {
     LIB_DIRS
         .iter()

@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use xlb_tests::vm::{self, DebianTree, Initramfs, Kernel};
+use xlb_tests::vm::{self, DebianTree, Kernel};
 
 const SERVICES_1: &str = r#"services:
   - name: web
@@ -298,32 +298,15 @@ poweroff -f
 "#;
 
 fn build_initramfs(kernel: &Kernel, tree: &DebianTree) -> Vec<u8> {
-    for package in [
-        "busybox-static",
+    let packages = [
         "ipvsadm",
         "libnl-3-200",
         "libnl-genl-3-200",
         "libpopt0",
         "libc6",
-    ] {
-        tree.unpack(package, &[])
-            .unwrap_or_else(|e| panic!("Debian package {package}: {e:#}"));
-    }
-    let mut fs = Initramfs::new();
-    fs.copy("/bin/busybox", 0o755, &tree.path("/bin/busybox"))
-        .unwrap();
-    fs.executable_from(tree, "/sbin/ipvsadm").unwrap();
-
-    let agent = vm::static_agent().unwrap_or_else(|e| panic!("{e:#}"));
-    fs.file("/lb-agent", 0o755, &agent);
-
-    let order = kernel.load_order(MODULES).unwrap();
-    let mut names = Vec::new();
-    for path in &order {
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        fs.copy(&format!("/modules/{name}"), 0o644, path).unwrap();
-        names.push(name);
-    }
+    ];
+    let (mut fs, names) = vm::base_initramfs(kernel, tree, &packages, &["/sbin/ipvsadm"], MODULES)
+        .unwrap_or_else(|e| panic!("initramfs: {e:#}"));
     fs.file("/services-1.yaml", 0o644, SERVICES_1.as_bytes());
     fs.file("/services-2.yaml", 0o644, SERVICES_2.as_bytes());
     let init = INIT

@@ -13,7 +13,7 @@
 
 use std::{path::Path, time::Duration};
 
-use xlb_tests::vm::{self, DebianTree, Initramfs, Kernel};
+use xlb_tests::vm::{self, DebianTree, Kernel};
 
 /// One service, so the agent has something to sync.
 const SERVICES: &str = r#"services:
@@ -135,40 +135,17 @@ fn tests_in(suite: &str) -> usize {
 
 fn build_initramfs(kernel: &Kernel, tree: &DebianTree, suites: &[(String, String)]) -> Vec<u8> {
     // iproute2's ip and the libraries it links (its other dependencies serve tools not used).
-    for package in [
-        "busybox-static",
-        "iproute2",
-        "libbpf1",
-        "libelf1",
-        "libmnl0",
-        "libbsd0",
-        "libmd0",
-        "libcap2",
-        "zlib1g",
+    let packages = [
+        "iproute2", "libbpf1", "libelf1", "libmnl0", "libbsd0", "libmd0", "libcap2", "zlib1g",
         "libc6",
-    ] {
-        tree.unpack(package, &[])
-            .unwrap_or_else(|e| panic!("Debian package {package}: {e:#}"));
-    }
-    let mut fs = Initramfs::new();
-    fs.copy("/bin/busybox", 0o755, &tree.path("/bin/busybox"))
-        .unwrap();
-    fs.executable_from(tree, "/bin/ip").unwrap();
-    let agent = vm::static_agent().unwrap_or_else(|e| panic!("{e:#}"));
-    fs.file("/lb-agent", 0o755, &agent);
+    ];
+    let (mut fs, names) = vm::base_initramfs(kernel, tree, &packages, &["/bin/ip"], &["veth"])
+        .unwrap_or_else(|e| panic!("initramfs: {e:#}"));
     for (name, path) in suites {
         let exe = vm::stripped(Path::new(path)).unwrap_or_else(|e| panic!("suite {name}: {e:#}"));
         fs.file(&format!("/suites/{name}"), 0o755, &exe);
     }
     fs.file("/lb-ebpf-release", 0o644, &ebpf_object("release"));
-
-    let order = kernel.load_order(&["veth"]).unwrap();
-    let mut names = Vec::new();
-    for path in &order {
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        fs.copy(&format!("/modules/{name}"), 0o644, path).unwrap();
-        names.push(name);
-    }
     fs.file("/services.yaml", 0o644, SERVICES.as_bytes());
     let suite_names: Vec<&str> = suites.iter().map(|(n, _)| n.as_str()).collect();
     let init = INIT
