@@ -201,19 +201,22 @@ impl PinnedMaps {
 
     /// A frontend's counters, summed over CPUs.
     pub fn service_stats(&self, service_id: u32) -> anyhow::Result<ServiceStats> {
-        let mut sum = ServiceStats::default();
-        for s in self.service_stats.get(&service_id, 0)?.iter() {
-            sum += *s;
-        }
-        Ok(sum)
+        Ok(sum_over_cpus(&self.service_stats.get(&service_id, 0)?))
     }
 
     /// The program-wide counters, summed over CPUs.
     pub fn global_stats(&self) -> anyhow::Result<GlobalStats> {
-        let mut sum = GlobalStats::default();
-        for s in self.global_stats.get(&0, 0)?.iter() {
-            sum += *s;
-        }
-        Ok(sum)
+        Ok(sum_over_cpus(&self.global_stats.get(&0, 0)?))
     }
+}
+
+/// A per-CPU counter value summed over every CPU (the program counts on each CPU apart).
+pub fn sum_over_cpus<T: aya::Pod + Default + std::ops::AddAssign>(
+    values: &aya::maps::PerCpuValues<T>,
+) -> T {
+    let mut sum = T::default();
+    for v in values.iter() {
+        sum += *v;
+    }
+    sum
 }

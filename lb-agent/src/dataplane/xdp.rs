@@ -34,7 +34,10 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use super::{Dataplane, OpError, batch, pinned::ip_from_wire};
+use super::{
+    Dataplane, OpError, batch,
+    pinned::{ip_from_wire, sum_over_cpus},
+};
 use crate::{
     model::{Backend, Protocol},
     plan::{BackendSpec, FrontendKey, FrontendSpec, Op},
@@ -1259,20 +1262,12 @@ impl XdpMaps {
 
     /// Sum over CPUs of a service's counters.
     pub fn service_stats(&self, service_id: u32) -> anyhow::Result<ServiceStats> {
-        let mut sum = ServiceStats::default();
-        for s in self.service_stats.get(&service_id, 0)?.iter() {
-            sum += *s;
-        }
-        Ok(sum)
+        Ok(sum_over_cpus(&self.service_stats.get(&service_id, 0)?))
     }
 
     /// Sum over CPUs of the program-wide counters.
     pub fn global_stats(&self) -> anyhow::Result<GlobalStats> {
-        let mut sum = GlobalStats::default();
-        for s in self.global_stats.get(&0, 0)?.iter() {
-            sum += *s;
-        }
-        Ok(sum)
+        Ok(sum_over_cpus(&self.global_stats.get(&0, 0)?))
     }
 
     /// Every conntrack entry.
